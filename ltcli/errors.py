@@ -1,0 +1,11 @@
+"""The two ways an ltcli command can fail, mapped to exit codes by the CLI."""
+
+
+class LtcliError(Exception):
+    """Bad usage or bad input: the CLI prints the one-line message and exits 2.
+
+    The message must name the culprit (file, file:line, or --option)."""
+
+
+class JobFailed(Exception):
+    """The job itself failed (not the user's input): exit 1."""
