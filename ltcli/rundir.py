@@ -1,0 +1,100 @@
+"""The run directory: where every stage finds its inputs and leaves its outputs.
+
+    run.json, backbone.pt, backbone-last.pt, metrics.jsonl,
+    features/<split>.h5, heads/<method>.pt, reports/
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import LtcliError
+from .io import append_line, atomic_write_json
+
+RUN_FORMAT = 1
+DEFAULT_RUN = "ltcli-run"
+
+
+class RunDir:
+    def __init__(self, root: str | Path = DEFAULT_RUN):
+        self.root = Path(root)
+
+    # --- paths -------------------------------------------------------------------
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def backbone(self) -> Path:
+        return self.root / "backbone.pt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.root / "backbone-last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def features(self, split: str) -> Path:
+        return self.root / "features" / f"{split}.h5"
+
+    def head(self, method: str) -> Path:
+        return self.root / "heads" / f"{method}.pt"
+
+    @property
+    def heads_dir(self) -> Path:
+        return self.root / "heads"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    # --- run.json ----------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.run_json.exists()
+
+    def read(self) -> dict[str, Any]:
+        if not self.run_json.exists():
+            raise LtcliError(
+                f"{self.run_json}: not found; run `ltcli train-backbone --run {self.root}` first "
+                "or pass explicit paths"
+            )
+        try:
+            info = json.loads(self.run_json.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise LtcliError(f"{self.run_json}: not valid JSON ({exc})") from None
+        if not isinstance(info, dict) or "class_names" not in info:
+            raise LtcliError(f"{self.run_json}: not an ltcli run file (no class_names)")
+        return info
+
+    def write(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.run_json, info)
+
+    def log_event(self, event: dict[str, Any]) -> None:
+        """One JSON object per line in metrics.jsonl (epochs, extraction, heads, evals)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        record = {"time": round(time.time(), 3), **event}
+        append_line(self.metrics, json.dumps(record, sort_keys=True))
+
+    def has_other_files(self) -> bool:
+        markers = [self.run_json, self.backbone, self.last_checkpoint, self.metrics]
+        return any(p.exists() for p in markers)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_id(spec: str, class_names: list[str], train_counts: list[int], train_fingerprint: str) -> str:
+    """One identifier shared by every split of a run's data, for provenance checks."""
+    payload = json.dumps([spec, class_names, list(map(int, train_counts)), train_fingerprint])
+    return hashlib.sha256(payload.encode()).hexdigest()

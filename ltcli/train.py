@@ -1,0 +1,508 @@
+"""Stage 1: train the backbone and its joint classifier (train-backbone).
+
+Small images are decoded once into a uint8 tensor that lives on the training
+device, and augmentation runs there too, so the GPU never waits for JPEG
+decoding. Large images stream through a DataLoader with worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import __version__
+from .console import err_console, progress_bar
+from .data import DataConfig, Dataset, decode_split, load_dataset
+from .errors import LtcliError
+from .evaluate import compute_metrics
+from .io import atomic_torch_save, safe_torch_load
+from .models import build_model
+from .rundir import RUN_FORMAT, RunDir, dataset_id, file_sha256
+from .sampling import LongTailSampler, strategy_q
+from .transforms import augment_batch, normalize_batch, test_transform, train_transform
+
+SMALL_IMAGE_MAX = 64  # images up to this side are decoded once into memory
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: str = "resnet8"
+    weights: str | None = None
+    sampling: str = "instance"
+    sampling_q: float | None = None
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 5
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto = bf16 on CUDA, off on CPU
+    channels_last: bool = True
+    image_size: int | None = None  # None: native size for small images, 224 for large ones
+    workers: int = 4
+    many_threshold: int = 100
+    few_threshold: int = 20
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define a run: --resume refuses a run whose identity differs."""
+        d = asdict(self)
+        for volatile in ("device", "workers", "epochs"):
+            d.pop(volatile)
+        d["data"].pop("skip_bad_images", None)
+        return d
+
+
+# --- device and distributed helpers --------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LtcliError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise LtcliError(f"--device {name}: unknown (choose auto, cpu, cuda)")
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp in ("off", "none", "fp32"):
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    raise LtcliError(f"--amp {amp}: unknown (choose auto, bf16, off)")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> DistInfo:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    return DistInfo(rank, world, local_rank)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+# --- learning-rate schedule ------------------------------------------------------------
+
+
+def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over warmup_epochs, then cosine decay to 0."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * progress))
+
+
+# --- the data a run trains on --------------------------------------------------------------
+
+
+class TrainImages:
+    """Gives batches of (images, labels) on the device for a list of sample indices."""
+
+    def __init__(self, dataset: Dataset, cfg: TrainConfig, device: torch.device, dist_info: DistInfo):
+        self.split = dataset.split("train")
+        self.device = device
+        native = dataset.native_size
+        self.size = cfg.image_size or (native if native and native <= SMALL_IMAGE_MAX else 224)
+        self.in_memory = self.size <= SMALL_IMAGE_MAX
+        self.labels_np = np.asarray(self.split.labels, dtype=np.int64)
+        self.kept = np.arange(len(self.split))
+        self.skipped: list[str] = []
+        if self.in_memory:
+            images, kept = decode_split(
+                self.split, self.size, skip_bad=cfg.data.skip_bad_images, workers=max(1, cfg.workers)
+            )
+            self.kept = np.asarray(kept, dtype=np.int64)
+            if len(self.kept) < len(self.split) and self.split.paths is not None:
+                kept_set = set(self.kept.tolist())
+                self.skipped = [p for i, p in enumerate(self.split.paths) if i not in kept_set]
+            self.images = images.to(device)
+            if cfg.channels_last and device.type == "cuda":
+                self.images = self.images.contiguous(memory_format=torch.channels_last)
+            self.labels_np = self.labels_np[self.kept]
+            self.labels = torch.as_tensor(self.labels_np, device=device)
+
+    def batch(self, idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(idx, device=self.device)
+        x = augment_batch(self.images.index_select(0, index), generator)
+        return normalize_batch(x), self.labels.index_select(0, index)
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, split, transform):
+        self.split, self.transform = split, transform
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, i):
+        return self.transform(self.split.load(int(i))), int(self.split.labels[i])
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    def __init__(self, indices):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter(self.indices.tolist())
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _file_loader(split, transform, indices, batch_size, workers, device):
+    return torch.utils.data.DataLoader(
+        _FileDataset(split, transform),
+        batch_size=batch_size,
+        sampler=_ListSampler(indices),
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+        persistent_workers=False,
+    )
+
+
+# --- evaluation during training ------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_model(model, split, size, device, autocast_dtype, train_counts, cfg, batch_size=512, workers=4):
+    """Top-1 and shot-group accuracy of the joint classifier on a held-out split."""
+    model.eval()
+    outputs = []
+    labels = torch.as_tensor(np.asarray(split.labels, dtype=np.int64))
+    if size <= SMALL_IMAGE_MAX:
+        images, kept = decode_split(split, size, skip_bad=cfg.data.skip_bad_images, workers=max(1, workers))
+        labels = labels[torch.as_tensor(kept)]
+        for start in range(0, len(images), batch_size):
+            x = normalize_batch(images[start : start + batch_size].to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                outputs.append(model(x).float().cpu())
+    else:
+        loader = _file_loader(split, test_transform(size), np.arange(len(split)), batch_size, workers, device)
+        for x, _ in loader:
+            x = x.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                outputs.append(model(x).float().cpu())
+    model.train()
+    scores = torch.cat(outputs) if outputs else torch.zeros(0, len(train_counts))
+    return compute_metrics(scores, labels, train_counts, many=cfg.many_threshold, few=cfg.few_threshold)
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def _plain_state(model) -> dict[str, torch.Tensor]:
+    inner = model.module if hasattr(model, "module") else model
+    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+
+
+def checkpoint_payload(model, optimizer, epoch: int, cfg: TrainConfig, run_info: dict) -> dict:
+    return {
+        "format": RUN_FORMAT,
+        "kind": "ltcli-backbone",
+        "arch": cfg.arch,
+        "num_classes": int(run_info["num_classes"]),
+        "feature_dim": int(run_info["feature_dim"]),
+        "epoch": epoch,
+        "config": cfg.identity(),
+        "dataset_id": run_info["dataset_id"],
+        "model": _plain_state(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+    }
+
+
+def load_backbone(path, expected_kind: str = "ltcli-backbone") -> dict:
+    """Load a stage-1 checkpoint (weights_only) and check it is one."""
+    ckpt = safe_torch_load(path, "checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != expected_kind or "model" not in ckpt:
+        raise LtcliError(f"{path}: not an ltcli backbone checkpoint (no 'kind': '{expected_kind}')")
+    for key in ("arch", "num_classes", "feature_dim"):
+        if key not in ckpt:
+            raise LtcliError(f"{path}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, path) -> torch.nn.Module:
+    model = build_model(ckpt["arch"], int(ckpt["num_classes"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise LtcliError(f"{path}: weights do not fit arch {ckpt['arch']} ({first[:160]})") from None
+    return model
+
+
+# --- the training job ----------------------------------------------------------------------
+
+
+def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
+    """Refuse to clobber another run; on --resume, insist on the same configuration."""
+    if resume:
+        if not run.last_checkpoint.exists():
+            raise LtcliError(f"--resume: {run.last_checkpoint} not found (nothing to resume)")
+        info = run.read()
+        before = info.get("train_config", {})
+        now = cfg.identity()
+        diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        if diffs:
+            key = diffs[0]
+            raise LtcliError(
+                f"--resume: {run.run_json} was made with a different configuration "
+                f"({key}: {before.get(key)!r} there, {now.get(key)!r} now)"
+            )
+        return info
+    if run.has_other_files() and not overwrite:
+        raise LtcliError(
+            f"--run {run.root}: already holds a run (run.json / checkpoints); "
+            "pass --resume to continue it, --overwrite to replace it, or choose another --run"
+        )
+    if overwrite:
+        for p in (run.run_json, run.backbone, run.last_checkpoint, run.metrics):
+            p.unlink(missing_ok=True)
+    return None
+
+
+def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overwrite: bool = False,
+                   progress: bool = True) -> dict:
+    """Train stage 1 and write run.json, backbone.pt, backbone-last.pt and metrics.jsonl."""
+    if cfg.epochs < 1:
+        raise LtcliError(f"--epochs {cfg.epochs}: must be at least 1")
+    if cfg.batch_size < 1:
+        raise LtcliError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.lr <= 0:
+        raise LtcliError(f"--lr {cfg.lr}: must be positive")
+    if cfg.warmup_epochs < 0:
+        raise LtcliError(f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0")
+    strategy_q(cfg.sampling, cfg.sampling_q)  # validates --sampling early
+    device = resolve_device(cfg.device)
+    autocast_dtype = amp_dtype(cfg.amp, device)
+    dist_info = init_distributed(cfg.device)
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+
+    previous = None
+    if dist_info.is_main:
+        previous = _check_run_dir(run, cfg, resume, overwrite)
+    if dist_info.enabled:
+        dist.barrier()
+    seed_everything(cfg.seed)
+
+    dataset = load_dataset(cfg.data)
+    model = build_model(cfg.arch, dataset.num_classes, weights=cfg.weights)
+    train_counts = list(map(int, dataset.train_counts))
+    info = {
+        "format": RUN_FORMAT,
+        "ltcli_version": __version__,
+        "created_by": "train-backbone",
+        "data": asdict(cfg.data),
+        "arch": cfg.arch,
+        "weights": cfg.weights,
+        "num_classes": dataset.num_classes,
+        "feature_dim": int(model.feature_dim),
+        "class_names": list(dataset.class_names),
+        "train_counts": train_counts,
+        "splits": {name: len(s) for name, s in dataset.splits.items()},
+        "fingerprints": {name: s.fingerprint() for name, s in dataset.splits.items()},
+        "sampling": cfg.sampling,
+        "sampling_q": strategy_q(cfg.sampling, cfg.sampling_q) if cfg.sampling != "progressive" else None,
+        "seed": cfg.seed,
+        "train_config": cfg.identity(),
+        "skipped_images": list(dataset.skipped),
+    }
+    info["dataset_id"] = dataset_id(cfg.data.spec, info["class_names"], train_counts, info["fingerprints"]["train"])
+    if previous is not None and previous.get("dataset_id") != info["dataset_id"]:
+        raise LtcliError(f"--resume: the data behind {run.run_json} changed since the run started")
+
+    images = TrainImages(dataset, cfg, device, dist_info)
+    if images.skipped:
+        info["skipped_images"] = sorted(set(info["skipped_images"]) | set(images.skipped))
+    num_train = len(images.kept)
+    sampler = LongTailSampler(
+        images.labels_np, cfg.sampling, q=cfg.sampling_q, seed=cfg.seed,
+        rank=dist_info.rank, world_size=dist_info.world_size, total_epochs=cfg.epochs,
+    )
+    per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
+    steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank_batch))
+
+    model = model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # no weight decay on BN and bias parameters, as in the LDAM / decoupling recipes
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
+    )
+    start_epoch = 0
+    if resume:
+        ckpt = load_backbone(run.last_checkpoint)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch = int(ckpt["epoch"]) + 1
+    train_model = model
+    if dist_info.enabled:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    if dist_info.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            run.write(info)
+        run.log_event({"event": "train-start", "resume_from_epoch": start_epoch, "device": str(device),
+                       "world_size": dist_info.world_size, "num_train": num_train})
+
+    val_name = "val" if "val" in dataset.splits else ("test" if "test" in dataset.splits else None)
+    history = []
+    bar = progress_bar(disable=not (progress and dist_info.is_main))
+    with bar:
+        task = bar.add_task("train", total=(cfg.epochs - start_epoch) * steps_per_epoch, rate="")
+        for epoch in range(start_epoch, cfg.epochs):
+            metrics = _train_one_epoch(
+                train_model, optimizer, images, sampler, epoch, cfg, per_rank_batch, steps_per_epoch,
+                device, autocast_dtype, bar, task, dist_info,
+            )
+            record = {"event": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, **metrics}
+            if dist_info.is_main:
+                if val_name is not None:
+                    m = evaluate_model(model, dataset.split(val_name), images.size, device, autocast_dtype,
+                                       train_counts, cfg, workers=cfg.workers)
+                    record.update({f"{val_name}_{k}": m[k] for k in ("overall", "macro", "many", "medium", "few")})
+                atomic_torch_save(checkpoint_payload(model, optimizer, epoch, cfg, info), run.last_checkpoint)
+                run.log_event(record)
+                history.append(record)
+                _print_epoch(record, val_name)
+            if dist_info.enabled:
+                dist.barrier()
+
+    if dist_info.is_main:
+        final = checkpoint_payload(model, None, cfg.epochs - 1, cfg, info)
+        atomic_torch_save(final, run.backbone)
+        run.log_event({"event": "train-done", "backbone_sha256": file_sha256(run.backbone)})
+    if dist_info.enabled:
+        dist.barrier()
+    return {"run": str(run.root), "backbone": str(run.backbone), "history": history}
+
+
+def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps, device, autocast_dtype,
+                     bar, task, dist_info):
+    model.train()
+    indices = np.fromiter(iter(_epoch_iter(sampler, epoch)), dtype=np.int64)
+    # a generator per (seed, epoch, rank) makes augmentation repeatable and --resume exact
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + dist_info.rank)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    started = time.perf_counter()
+    loader = None
+    if not images.in_memory:
+        loader = iter(_file_loader(images.split, train_transform(images.size), indices, batch, cfg.workers, device))
+    for step in range(steps):
+        if images.in_memory:
+            idx = indices[step * batch : (step + 1) * batch]
+            if len(idx) == 0:
+                break
+            x, y = images.batch(idx, gen)
+        else:
+            try:
+                x, y = next(loader)
+            except StopIteration:
+                break
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if cfg.channels_last and device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+        lr = lr_at(epoch * steps + step, steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # accumulate on the device: no host sync inside the step loop
+        loss_sum += loss.detach() * y.shape[0]
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += int(y.shape[0])
+        elapsed = time.perf_counter() - started
+        bar.update(task, advance=1, rate=f"{seen * dist_info.world_size / max(elapsed, 1e-9):,.0f} img/s",
+                   description=f"epoch {epoch + 1}/{cfg.epochs}")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - started
+    stats = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
+    if dist_info.enabled:
+        dist.all_reduce(stats)
+    total_seen = max(1.0, float(stats[2]))
+    return {
+        "train_loss": round(float(stats[0]) / total_seen, 5),
+        "train_acc": round(float(stats[1]) / total_seen, 5),
+        "samples": int(stats[2]),
+        "lr_end": lr_at(epoch * steps + steps - 1, steps, cfg),
+        "seconds": round(elapsed, 3),
+        "images_per_s": round(total_seen / max(elapsed, 1e-9), 1),
+    }
+
+
+def _epoch_iter(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def _print_epoch(record: dict, val_name: str | None) -> None:
+    msg = (f"epoch {record['epoch']}/{record['epochs']}  loss {record['train_loss']:.3f}  "
+           f"train acc {100 * record['train_acc']:.1f}%  {record['images_per_s']:,.0f} img/s")
+    if val_name is not None:
+        def pct(k):
+            v = record.get(f"{val_name}_{k}")
+            return "  -  " if v is None else f"{100 * v:.1f}"
+        msg += (f"  | {val_name} {pct('overall')}  many {pct('many')}  medium {pct('medium')}  "
+                f"few {pct('few')}")
+    err_console.print(msg, highlight=False)
