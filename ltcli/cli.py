@@ -140,6 +140,135 @@ def train_backbone_cmd(
                                              "epochs": result["history"]})
 
 
+METHOD_HELP = "joint | crt | lws | tau-norm | ncm | logit-adjust | knn."
+
+
+def _read_stdin_path(value: Optional[str], what: str) -> Optional[str]:
+    from .io import read_path_arg
+
+    return None if value is None else read_path_arg(value, what)
+
+
+@app.command("fit-head")
+def fit_head_cmd(
+    run: Path = typer.Option(Path("ltcli-run"), "--run", help=RUN_HELP),
+    method: str = typer.Option(..., "--method", "-m", help=METHOD_HELP),
+    features: Optional[str] = typer.Option(None, "--features", help="Train features .h5 (default RUN/features/train.h5; '-' reads the path from stdin)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Head file (default RUN/heads/METHOD.pt)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="crt / lws: epochs over the cached features (default 10)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="crt / lws: peak learning rate (cosine to 0)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="crt / lws: batch size (default 512)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="crt / lws: weight decay."),
+    tau: Optional[float] = typer.Option(None, "--tau", help="tau-norm / logit-adjust: τ (default 1; `tune-tau` picks it on val)."),
+    keep_bias: bool = typer.Option(False, "--keep-bias", help="tau-norm: keep the joint bias."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="ncm / knn: cosine or euclidean."),
+    k: Optional[int] = typer.Option(None, "--k", help="knn: neighbours (default 10)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="crt / lws: sampling and init seed."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Fit one classifier head on cached train features (seconds; no backbone needed).
+
+    Prints the head path on stdout, so it chains:
+    `ltcli extract --run r --split train | ltcli fit-head --features - --method crt --run r`
+    """
+    from .rundir import RunDir
+    from .stages import fit_head, head_options
+
+    rd = RunDir(run)
+    features_path = Path(_read_stdin_path(features, "--features") or rd.features("train"))
+    out_path = out or rd.head(method)
+    given = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, tau=tau,
+                 keep_bias=keep_bias or None, metric=metric, k=k, seed=seed, device=device)
+    options = head_options(method, {key: v for key, v in given.items() if v is not None})
+    path = fit_head(features_path, method, out_path, options, run=rd if out is None else None)
+    emit([path], as_json, {"head": str(path), "method": method, "options": options})
+
+
+@app.command("tune-tau")
+def tune_tau_cmd(
+    run: Path = typer.Option(Path("ltcli-run"), "--run", help=RUN_HELP),
+    split: str = typer.Option("val", "--split", help="Held-out split to choose τ on (val; test only with --allow-test)."),
+    method: str = typer.Option("tau-norm", "--method", help="tau-norm or logit-adjust."),
+    grid: str = typer.Option("0:2:0.05", "--grid", help="START:STOP:STEP (inclusive) or a comma list."),
+    metric: str = typer.Option("overall", "--metric", help="What to maximise: overall, macro or few."),
+    keep_bias: bool = typer.Option(False, "--keep-bias", help="tau-norm: keep the joint bias."),
+    features: Optional[str] = typer.Option(None, "--features", help="Features of the tuning split (default RUN/features/SPLIT.h5; '-' = stdin)."),
+    train_features: Optional[Path] = typer.Option(None, "--train-features", help="Train features (default RUN/features/train.h5, if present)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Head file (default RUN/heads/METHOD.pt)."),
+    plot: bool = typer.Option(False, "--plot", help="Also write accuracy against τ as PNG in RUN/reports."),
+    allow_test: bool = typer.Option(False, "--allow-test", help="Allow tuning on the test split (the output says so)."),
+    many: float = typer.Option(100, "--many", help="Many-shot: more than this many train images."),
+    few: float = typer.Option(20, "--few", help="Few-shot: fewer than this many train images."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Choose τ for tau-norm (or logit-adjust) by grid search on a held-out split.
+
+    The dot products are computed once; each τ only rescales columns, so the whole grid costs
+    about one evaluation. Prints the per-τ table, writes the head with the best τ.
+    """
+    from .grid import parse_grid
+    from .rundir import RunDir
+    from .stages import tune_tau
+
+    if method not in ("tau-norm", "logit-adjust"):
+        raise LtcliError(f"--method {method}: tune-tau supports tau-norm and logit-adjust")
+    if metric not in ("overall", "macro", "few", "many", "medium"):
+        raise LtcliError(f"--metric {metric}: choose overall, macro or few")
+    taus = parse_grid(grid)
+    rd = RunDir(run)
+    split_path = Path(_read_stdin_path(features, "--features") or rd.features(split))
+    train_path = train_features or (rd.features("train") if rd.features("train").exists() else None)
+    result = tune_tau(split_path, train_path, method, taus, metric, keep_bias, out or rd.head(method),
+                      rd.reports if (out is None or plot) else None, plot, allow_test, many, few,
+                      run=rd if out is None else None)
+    emit(result["paths"], as_json, {"best": result["best"], "rows": result["rows"],
+                                    "paths": [str(p) for p in result["paths"]]})
+
+
+@app.command("eval")
+def eval_cmd(
+    run: Path = typer.Option(Path("ltcli-run"), "--run", help=RUN_HELP),
+    split: str = typer.Option("test", "--split", help="Split to evaluate on."),
+    heads: Optional[List[str]] = typer.Option(None, "--heads", help="Heads to evaluate (names in RUN/heads or .pt paths; repeat or comma-separate). Default: all."),
+    features: Optional[str] = typer.Option(None, "--features", help="Features of the split (default RUN/features/SPLIT.h5; '-' = stdin)."),
+    many: float = typer.Option(100, "--many", help="Many-shot: more than this many train images."),
+    few: float = typer.Option(20, "--few", help="Few-shot: fewer than this many train images."),
+    plot: bool = typer.Option(False, "--plot", help="Per-class accuracy against train count, and weight norms of linear heads (PNG)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default RUN/reports)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report (all heads, all metrics) as JSON."),
+):
+    """Evaluate every head (or those named) on a split: top-1, top-5, macro, many / medium / few.
+
+    Writes reports/eval-SPLIT.json and a per-class CSV; prints the report paths.
+    """
+    from .rundir import RunDir
+    from .stages import discover_heads, evaluate_heads
+
+    rd = RunDir(run)
+    names = [n.strip() for item in (heads or []) for n in item.split(",") if n.strip()]
+    features_path = Path(_read_stdin_path(features, "--features") or rd.features(split))
+    result = evaluate_heads(features_path, discover_heads(rd, names), out or rd.reports, many, few, plot, run=rd)
+    emit(result["paths"], as_json, result["summary"])
+
+
+@app.command("info")
+def info_cmd(
+    path: Path = typer.Argument(..., help="A features .h5 file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the information as JSON on stdout."),
+):
+    """Describe a feature cache: shape, dtype, split, classes with counts and shot groups,
+    provenance and completeness."""
+    from .console import err_console
+    from .features import info, info_table
+
+    d = info(path)
+    if as_json:
+        typer.echo(json.dumps(d, default=str))
+    else:
+        err_console.print(info_table(d))
+
+
 @app.command("archs")
 def archs_cmd():
     """List the backbone architectures --arch accepts."""
