@@ -1,0 +1,111 @@
+"""Thin FAISS wrapper: exact (flat) indexes, on the GPU when faiss has GPUs, else on the CPU.
+
+Both the `faiss-gpu` and `faiss-cpu` wheels install the same `faiss` module; the GPU
+classes exist only in the former and only work when it sees a GPU, hence the guards."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import LtcliError
+
+METRICS = ("cosine", "euclidean")
+# GPU flat search supports k (and nprobe) up to this value; above it we search on the CPU.
+GPU_MAX_K = 2048
+# Bytes of float32 query + result buffers handled per search call, so memory stays bounded.
+_CHUNK_BYTES = 1 << 27
+
+_gpu_resources: Any = None
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is a declared dependency
+        raise LtcliError("faiss is not installed: pip install faiss-cpu (or faiss-gpu)") from None
+    return faiss
+
+
+def num_gpus() -> int:
+    """GPUs that the installed faiss can use (0 for faiss-cpu or without a GPU)."""
+    faiss = _faiss()
+    if not (hasattr(faiss, "get_num_gpus") and hasattr(faiss, "StandardGpuResources")):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # a GPU build without a usable driver
+        return 0
+
+
+def backend_name() -> str:
+    """Which faiss backend make_index uses here, for reports."""
+    faiss = _faiss()
+    version = getattr(faiss, "__version__", "?")
+    n = num_gpus()
+    return f"faiss {version} gpu ({n} GPU)" if n else f"faiss {version} cpu"
+
+
+def _resources():
+    # One StandardGpuResources per process: it owns cuBLAS handles and a scratch pool.
+    global _gpu_resources
+    if _gpu_resources is None:
+        _gpu_resources = _faiss().StandardGpuResources()
+    return _gpu_resources
+
+
+def make_index(dim: int, metric: str, *, use_gpu: bool | None = None, max_k: int | None = None):
+    """An empty exact index: inner product for 'cosine' (callers L2-normalise), L2 for 'euclidean'.
+
+    use_gpu=None picks the GPU when faiss has one and `max_k` (largest k to be searched)
+    is within what GPU search supports."""
+    if metric not in METRICS:
+        raise LtcliError(f"--metric {metric}: unknown metric (choose from {', '.join(METRICS)})")
+    faiss = _faiss()
+    if use_gpu is None:
+        use_gpu = num_gpus() > 0 and (max_k is None or max_k <= GPU_MAX_K)
+    if use_gpu:
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = 0
+        cls = faiss.GpuIndexFlatIP if metric == "cosine" else faiss.GpuIndexFlatL2
+        return cls(_resources(), int(dim), cfg)
+    cls = faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2
+    return cls(int(dim))
+
+
+def as_float32(x) -> np.ndarray:
+    """C-contiguous float32 numpy array (what faiss requires) from a tensor or array."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _chunk_rows(dim: int, k: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * (dim + 2 * k)))
+
+
+def add(index, vectors, *, chunk_rows: int | None = None) -> None:
+    """Add vectors (N x D tensor or array) in chunks, converting each chunk only."""
+    n = int(vectors.shape[0])
+    step = chunk_rows or _chunk_rows(index.d, 0)
+    for start in range(0, n, step):
+        index.add(as_float32(vectors[start : start + step]))
+
+
+def search(index, queries, k: int, *, chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """k-nearest search in chunks of queries: (scores float32 N x k, ids int64 N x k).
+
+    scores are inner products for IP indexes and squared distances for L2 indexes;
+    ids are -1 where the index holds fewer than k vectors."""
+    n = int(queries.shape[0])
+    k = int(k)
+    scores = np.empty((n, k), dtype=np.float32)
+    ids = np.empty((n, k), dtype=np.int64)
+    step = chunk_rows or _chunk_rows(index.d, k)
+    for start in range(0, n, step):
+        d, i = index.search(as_float32(queries[start : start + step]), k)
+        scores[start : start + len(d)] = d
+        ids[start : start + len(i)] = i
+    return scores, ids

@@ -1,0 +1,51 @@
+"""`crt`: classifier re-training (Kang et al. 2020).
+
+A freshly initialised linear classifier is trained on the frozen features with
+class-balanced sampling (classes uniform, images uniform within a class), SGD with
+momentum and a cosine learning rate; each sample uses a random stored view per epoch.
+Defaults follow the official recipe: 10 epochs, batch 512, lr 0.2, weight decay 5e-4."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..featureset import FeatureSet
+from ._balanced import softmax_minus_onehot, train_balanced, training_options
+from .base import get_tensor
+from .linear import LinearHead
+
+
+class CRTHead(LinearHead):
+    method = "crt"
+    options_spec = training_options(weight_decay=5e-4)
+
+    def _fit(self, train: FeatureSet, device, progress) -> None:
+        c, d = self.num_classes, self.dim
+        gen = torch.Generator().manual_seed(self.options["seed"])
+        # nn.Linear's default initialisation, drawn from our own generator
+        bound = 1.0 / math.sqrt(d)
+        w = (torch.rand((c, d), generator=gen) * 2 - 1).mul_(bound).to(device)
+        b = (torch.rand((c,), generator=gen) * 2 - 1).mul_(bound).to(device)
+
+        def grad_fn(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+            g = softmax_minus_onehot(torch.addmm(b, x, w.t()), y)
+            inv = 1.0 / x.shape[0]
+            return [torch.mm(g.t(), x).mul_(inv), g.sum(0).mul_(inv)]
+
+        train_balanced(train, [w, b], grad_fn, self.options, device, progress, gen)
+        self.weight, self.bias = w.to("cpu"), b.to("cpu")
+        self._reset_cache()
+
+    def _effective(self):
+        return self.weight, self.bias
+
+    def _state(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias}
+
+    def _load_state(self, state: dict) -> None:
+        c, d = self.num_classes, self.dim
+        self.weight = get_tensor(state, "weight", (c, d)).float()
+        self.bias = get_tensor(state, "bias", (c,)).float()
+        self._reset_cache()

@@ -1,0 +1,54 @@
+"""`lws`: learnable weight scaling (Kang et al. 2020).
+
+The stage-1 classifier stays frozen and only a per-class scale s_j (init 1) is learned
+with class-balanced sampling: z'_j = s_j · (w_jᵀf + b_j), i.e. the whole logit is scaled,
+bias included, as in the official code. Same training options as `crt`, except that
+weight decay defaults to 0 (it would pull the scales towards 0, not towards 1)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..featureset import FeatureSet
+from ._balanced import softmax_minus_onehot, train_balanced, training_options
+from .base import get_tensor
+from .linear import LinearHead
+
+
+class LWSHead(LinearHead):
+    method = "lws"
+    options_spec = training_options(weight_decay=0.0)
+    needs_classifier = True
+
+    def _fit(self, train: FeatureSet, device, progress) -> None:
+        c = self.num_classes
+        self.weight = train.weight.detach().to("cpu", torch.float32).clone()
+        self.bias = None if train.bias is None else train.bias.detach().to("cpu", torch.float32).clone()
+        wt = self.weight.to(device).t().contiguous()
+        b0 = (self.bias if self.bias is not None else torch.zeros(c)).to(device)
+        s = torch.ones(c, device=device)
+        gen = torch.Generator().manual_seed(self.options["seed"])
+
+        def grad_fn(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+            z0 = torch.addmm(b0, x, wt)
+            g = softmax_minus_onehot(z0 * s, y)
+            return [g.mul_(z0).sum(0).mul_(1.0 / x.shape[0])]  # dL/ds_j = mean_i g_ij z0_ij
+
+        train_balanced(train, [s], grad_fn, self.options, device, progress, gen)
+        self.scales = s.to("cpu")
+        self._reset_cache()
+
+    def _effective(self):
+        w = self.weight * self.scales.unsqueeze(1)
+        return w, None if self.bias is None else self.bias * self.scales
+
+    def _state(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias, "scales": self.scales}
+
+    def _load_state(self, state: dict) -> None:
+        c, d = self.num_classes, self.dim
+        self.weight = get_tensor(state, "weight", (c, d)).float()
+        bias = get_tensor(state, "bias", (c,), optional=True)
+        self.bias = None if bias is None else bias.float()
+        self.scales = get_tensor(state, "scales", (c,)).float()
+        self._reset_cache()

@@ -1,0 +1,340 @@
+"""Classifier heads against brute-force references on small random data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ltcli import faiss_index
+from ltcli.errors import LtcliError
+from ltcli.featureset import FeatureSet
+from ltcli.heads import available_methods, build_head
+from ltcli.heads import base as heads_base
+
+
+def make_fs(x, y, w=None, b=None, counts=None, split="train", names=None):
+    c = w.shape[0] if w is not None else int(y.max()) + 1
+    names = names or [f"class{i}" for i in range(c)]
+    counts = counts if counts is not None else torch.bincount(y, minlength=c)
+    return FeatureSet(x, y, w, b, names, counts, split, {})
+
+
+def random_fs(n=200, c=6, d=12, seed=0, bias=True, views=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, views, d) if views > 1 else (n, d)
+    x = torch.randn(shape, generator=g)
+    y = torch.arange(n) % c  # every class present
+    w = torch.randn(c, d, generator=g)
+    b = torch.randn(c, generator=g) if bias else None
+    return make_fs(x, y, w, b)
+
+
+def longtail_problem(seed=0, c=20, d=32, nmax=400, imbalance=100, test_per=50, views=1):
+    """Gaussian classes with a stage-1 classifier biased like a long-tailed joint model:
+    head classes get larger weight norms and larger biases."""
+    g = torch.Generator().manual_seed(seed)
+    counts = [int(nmax * imbalance ** (-i / (c - 1))) for i in range(c)]
+    mu = torch.randn(c, d, generator=g)
+
+    def draw(cnts, k):
+        y = torch.cat([torch.full((n,), j) for j, n in enumerate(cnts)])
+        x = mu[y].unsqueeze(1) + torch.randn(len(y), k, d, generator=g)
+        return (x if k > 1 else x[:, 0]), y
+
+    n = torch.tensor(counts, dtype=torch.float32)
+    w = mu * (n / n.max()).sqrt().unsqueeze(1) * 1.5
+    b = (n / n.max()).log()
+    xtr, ytr = draw(counts, views)
+    xte, yte = draw([test_per] * c, 1)
+    tc = torch.tensor(counts)
+    return make_fs(xtr, ytr, w, b, tc), make_fs(xte, yte, w, b, tc, split="test")
+
+
+def per_class_acc(scores, y, c):
+    pred = scores.argmax(1)
+    return torch.stack([(pred[y == j] == j).float().mean() for j in range(c)])
+
+
+# ---- linear heads: equivalences ----------------------------------------------------------
+def test_tau_zero_without_bias_equals_joint_without_bias():
+    fs = random_fs(bias=True)
+    joint_nb = build_head("joint").fit(make_fs(fs.features, fs.labels, fs.weight, None))
+    tau0 = build_head("tau-norm", tau=0.0).fit(fs)  # bias dropped by default
+    assert torch.allclose(tau0.logits(fs.features), joint_nb.logits(fs.features), atol=1e-6)
+
+
+def test_tau_norm_keep_bias_and_formula():
+    fs = random_fs()
+    h = build_head("tau-norm", tau=0.5, keep_bias=True).fit(fs)
+    w = fs.weight / fs.weight.norm(dim=1, keepdim=True) ** 0.5
+    ref = fs.features @ w.T + fs.bias
+    assert torch.allclose(h.logits(fs.features), ref, atol=1e-5)
+
+
+def test_tau_one_rows_have_unit_norm():
+    fs = random_fs()
+    w, b = build_head("tau-norm", tau=1.0).fit(fs).linear()
+    assert b is None
+    assert torch.allclose(w.norm(dim=1), torch.ones(w.shape[0]), atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(tau=st.floats(0.0, 3.0), seed=st.integers(0, 1000))
+def test_tau_norm_property(tau, seed):
+    fs = random_fs(n=20, c=4, d=5, seed=seed)
+    w, _ = build_head("tau-norm", tau=tau).fit(fs).linear()
+    norms = fs.weight.norm(dim=1)
+    assert torch.allclose(w.norm(dim=1), norms ** (1 - tau), rtol=1e-4)
+
+
+def test_lws_with_unit_scales_equals_joint():
+    fs = random_fs()
+    joint = build_head("joint").fit(fs)
+    lws = build_head("lws", lr=0.0, epochs=1).fit(fs, device="cpu")  # lr 0: scales stay 1
+    assert torch.equal(lws.scales, torch.ones(fs.num_classes))
+    assert torch.allclose(lws.logits(fs.features), joint.logits(fs.features), atol=1e-5)
+
+
+def test_lws_scales_whole_logit_bias_included():
+    fs = random_fs()
+    lws = build_head("lws", epochs=2).fit(fs, device="cpu")
+    z = fs.features @ fs.weight.T + fs.bias
+    assert torch.allclose(lws.logits(fs.features), z * lws.scales, atol=1e-4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_logit_adjust_tau_zero_equals_joint(bias):
+    fs = random_fs(bias=bias)
+    joint = build_head("joint").fit(fs)
+    la = build_head("logit-adjust", tau=0.0).fit(fs)
+    assert torch.allclose(la.logits(fs.features), joint.logits(fs.features), atol=1e-6)
+
+
+def test_logit_adjust_formula():
+    fs = random_fs()
+    fs.train_counts = torch.tensor([50, 20, 10, 5, 2, 1])
+    la = build_head("logit-adjust", tau=1.5).fit(fs)
+    prior = fs.train_counts.double() / fs.train_counts.sum()
+    ref = fs.features @ fs.weight.T + fs.bias - 1.5 * prior.log().float()
+    assert torch.allclose(la.logits(fs.features), ref, atol=1e-5)
+
+
+def test_logit_adjust_zero_count_class_is_named():
+    fs = random_fs()
+    fs.train_counts = torch.tensor([5, 0, 3, 3, 3, 3])
+    with pytest.raises(LtcliError, match=r"class 1 \('class1'\)"):
+        build_head("logit-adjust").fit(fs)
+
+
+def test_views_are_averaged_for_scoring():
+    fs = random_fs(views=3)
+    for method in ("joint", "ncm", "knn"):
+        h = build_head(method).fit(fs)
+        assert torch.allclose(h.logits(fs.features), h.logits(fs.features.mean(1)), atol=1e-5)
+
+
+def test_chunked_scoring_matches_one_chunk(monkeypatch):
+    fs = random_fs(n=300)
+    heads = [build_head(m).fit(fs, device="cpu", **({"epochs": 1} if m in ("crt", "lws") else {}))
+             for m in available_methods()]
+    whole = [h.logits(fs.features) for h in heads]
+    monkeypatch.setattr(heads_base, "_CPU_CHUNK_ELEMS", 7 * (fs.dim + fs.num_classes))  # 7 rows
+    for h, ref in zip(heads, whole):
+        assert torch.allclose(h.logits(fs.features, device="cpu"), ref, atol=1e-5), h.method
+
+
+# ---- NCM and kNN against NumPy -----------------------------------------------------------
+def _np_normalise(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def ncm_reference(xtr, ytr, xq, c, metric):
+    mean = xtr.mean(0)
+    ftr, fq = _np_normalise(xtr - mean), _np_normalise(xq - mean)
+    means = np.stack([ftr[ytr == j].mean(0) for j in range(c)])
+    if metric == "cosine":
+        return fq @ _np_normalise(means).T
+    return -((fq[:, None, :] - means[None]) ** 2).sum(-1)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_ncm_equals_numpy_nearest_mean(metric):
+    tr = random_fs(n=240, c=8, d=10, seed=1)
+    q = torch.randn(100, 10, generator=torch.Generator().manual_seed(2))
+    h = build_head("ncm", metric=metric).fit(tr)
+    ref = ncm_reference(tr.features.double().numpy(), tr.labels.numpy(), q.double().numpy(), 8, metric)
+    got = h.logits(q)
+    assert np.allclose(got.numpy(), ref, atol=1e-4)
+    assert np.array_equal(got.argmax(1).numpy(), ref.argmax(1))
+
+
+def knn_reference(xtr, ytr, xq, c, k, metric, weighting):
+    if metric == "cosine":
+        mean = xtr.mean(0)
+        xtr, xq = _np_normalise(xtr - mean), _np_normalise(xq - mean)
+    d2 = ((xq[:, None, :] - xtr[None]) ** 2).sum(-1)
+    out = np.zeros((len(xq), c))
+    for i in range(len(xq)):
+        for j in np.argsort(d2[i], kind="stable")[:k]:
+            out[i, ytr[j]] += 1.0 if weighting == "count" else 1.0 / (1.0 + np.sqrt(d2[i, j]))
+    return out
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("k,weighting", [(1, "distance"), (7, "distance"), (7, "count")])
+def test_knn_equals_numpy_neighbour_search(metric, k, weighting):
+    tr = random_fs(n=150, c=5, d=8, seed=3)
+    q = torch.randn(60, 8, generator=torch.Generator().manual_seed(4))
+    h = build_head("knn", k=k, metric=metric, weighting=weighting).fit(tr)
+    ref = knn_reference(tr.features.double().numpy(), tr.labels.numpy(), q.double().numpy(), 5, k,
+                        metric, weighting)
+    got = h.logits(q).numpy()
+    assert np.allclose(got, ref, atol=1e-4)
+    if k == 1:  # nearest neighbour's label
+        d2 = ((q[:, None] - tr.features[None]) ** 2).sum(-1) if metric == "euclidean" else None
+        if d2 is not None:
+            assert np.array_equal(got.argmax(1), tr.labels[d2.argmin(1)].numpy())
+
+
+def test_knn_k_larger_than_train_set():
+    tr = random_fs(n=12, c=3, d=4)
+    h = build_head("knn", k=50, weighting="count").fit(tr)
+    assert torch.allclose(h.logits(tr.features).sum(1), torch.full((12,), 12.0))
+
+
+def test_ncm_zero_sample_class_is_named():
+    tr = random_fs(n=60, c=6)
+    tr.labels = torch.where(tr.labels == 4, 0, tr.labels)
+    with pytest.raises(LtcliError, match=r"class 4 \('class4'\) has no training samples"):
+        build_head("ncm").fit(tr)
+
+
+def test_faiss_search_chunks_and_backend():
+    g = torch.Generator().manual_seed(0)
+    base, q = torch.randn(50, 6, generator=g), torch.randn(23, 6, generator=g).half()
+    index = faiss_index.make_index(6, "euclidean")
+    faiss_index.add(index, base, chunk_rows=7)
+    d1, i1 = faiss_index.search(index, q, 5)
+    d2, i2 = faiss_index.search(index, q, 5, chunk_rows=4)
+    assert np.array_equal(i1, i2) and np.allclose(d1, d2)
+    ref = ((q.float()[:, None] - base[None]) ** 2).sum(-1)
+    assert np.array_equal(i1[:, 0], ref.argmin(1).numpy())
+    assert faiss_index.backend_name().startswith("faiss ")
+    with pytest.raises(LtcliError, match="--metric"):
+        faiss_index.make_index(6, "manhattan")
+
+
+# ---- trained heads -----------------------------------------------------------------------
+def test_crt_well_separated_clusters():
+    g = torch.Generator().manual_seed(0)
+    c, d = 10, 16
+    mu = torch.randn(c, d, generator=g) * 4
+    counts = [300, 200, 120, 80, 50, 30, 20, 12, 8, 5]
+    y = torch.cat([torch.full((n,), j) for j, n in enumerate(counts)])
+    x = mu[y] + torch.randn(len(y), d, generator=g)
+    yt = torch.arange(c).repeat_interleave(100)
+    xt = mu[yt] + torch.randn(len(yt), d, generator=g)
+    h = build_head("crt").fit(make_fs(x, y), device="cpu")
+    assert (h.logits(xt).argmax(1) == yt).float().mean() >= 0.99
+
+
+def test_rebalancing_heads_raise_few_shot_accuracy():
+    tr, te = longtail_problem()
+    few = tr.train_counts < 20
+    acc = {}
+    for method in ("joint", "crt", "lws", "tau-norm", "logit-adjust"):
+        h = build_head(method).fit(tr, device="cpu")
+        acc[method] = per_class_acc(h.logits_for(te), te.labels, te.num_classes)[few].mean().item()
+    for method in ("crt", "lws", "tau-norm", "logit-adjust"):
+        assert acc[method] > acc["joint"] + 0.1, acc
+
+
+def test_crt_uses_views_and_is_deterministic():
+    tr, te = longtail_problem(views=3, c=8, nmax=100)
+    a = build_head("crt", epochs=3, seed=5).fit(tr, device="cpu")
+    b = build_head("crt", epochs=3, seed=5).fit(tr, device="cpu")
+    other = build_head("crt", epochs=3, seed=6).fit(tr, device="cpu")
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    assert not torch.equal(a.weight, other.weight)
+    assert per_class_acc(a.logits_for(te), te.labels, 8).mean() > 0.8
+
+
+def test_balanced_stream_is_class_balanced():
+    from ltcli.heads._balanced import BalancedStream
+
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    s = BalancedStream(labels, num_classes=4, views=2, gen=torch.Generator().manual_seed(0))
+    ids, cls = s.epoch()
+    assert len(ids) == 1000
+    sample, view = ids // 2, ids % 2
+    assert torch.equal(labels[sample], cls)
+    share = torch.bincount(cls, minlength=4).float() / 1000
+    assert share[3] == 0 and (share[:3] - 1 / 3).abs().max() < 0.06  # empty class 3 never drawn
+    assert 0.4 < view.float().mean() < 0.6
+    assert len(torch.unique(sample[cls == 2])) == 10  # every tail image gets used
+
+
+def test_progress_callback():
+    seen = []
+    build_head("crt", epochs=3).fit(random_fs(), device="cpu", progress=lambda e, t: seen.append((e, t)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+# ---- bad input ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["joint", "crt", "lws", "tau-norm", "ncm", "logit-adjust", "knn"])
+def test_mismatches_and_non_finite(method):
+    fs = random_fs()
+    opts = {"epochs": 1} if method in ("crt", "lws") else {}
+    h = build_head(method, **opts).fit(fs, device="cpu")
+    with pytest.raises(LtcliError, match=r"head expects D=12, features have D=7"):
+        h.logits(torch.randn(5, 7))
+    other = make_fs(torch.randn(5, 12), torch.arange(5) % 3, names=["a", "b", "c"])
+    with pytest.raises(LtcliError, match=r"head has C=6 classes, features have C=3"):
+        h.logits_for(other)
+    renamed = make_fs(fs.features, fs.labels, fs.weight, fs.bias, names=[f"x{i}" for i in range(6)])
+    with pytest.raises(LtcliError, match=r"class 0 is 'x0'"):
+        h.logits_for(renamed)
+    bad = fs.features.clone()
+    bad[17, 3] = float("nan")
+    with pytest.raises(LtcliError, match=r"NaN or inf \(first at row 17\)"):
+        h.logits(bad)
+    bad[17, 3] = float("inf")
+    with pytest.raises(LtcliError, match="NaN or inf"):
+        build_head(method, **opts).fit(make_fs(bad, fs.labels, fs.weight, fs.bias), device="cpu")
+
+
+def test_fit_input_errors():
+    fs = random_fs()
+    with pytest.raises(LtcliError, match="has no stage-1 classifier"):
+        build_head("tau-norm").fit(make_fs(fs.features, fs.labels, None, None, names=fs.class_names))
+    with pytest.raises(LtcliError, match=r"stage-1 classifier is \(6, 5\)"):
+        build_head("joint").fit(make_fs(fs.features, fs.labels, torch.randn(6, 5)))
+    with pytest.raises(LtcliError, match="out of range"):
+        build_head("crt").fit(make_fs(fs.features, fs.labels + 3, fs.weight, fs.bias))
+    fs.attrs = {"path": "/runs/x/features/train.h5"}
+    fs.features[0, 0] = float("nan")
+    with pytest.raises(LtcliError, match=r"^/runs/x/features/train.h5: features contain NaN"):
+        build_head("ncm").fit(fs)
+
+
+def test_option_errors():
+    with pytest.raises(LtcliError, match=r"--method foo: unknown head"):
+        build_head("foo")
+    with pytest.raises(LtcliError, match=r"unknown option 'tua'"):
+        build_head("tau-norm", tua=1.0)
+    with pytest.raises(LtcliError, match=r"--tau: must be >= 0"):
+        build_head("tau-norm", tau=-1)
+    with pytest.raises(LtcliError, match=r"--k: expected an integer"):
+        build_head("knn", k=2.5)
+    with pytest.raises(LtcliError, match=r"--metric cityblock: choose from cosine, euclidean"):
+        build_head("ncm", metric="cityblock")
+    with pytest.raises(LtcliError, match=r"--keep-bias: expected true/false"):
+        build_head("tau-norm", keep_bias="yes")
+    assert build_head("tau_norm").method == "tau-norm"
+    h = build_head("crt", batch_size=256)
+    assert h.options["lr"] is None and h.options["epochs"] == 10
+    with pytest.raises(LtcliError, match="not fitted"):
+        h.logits(torch.randn(2, 3))
