@@ -13,8 +13,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
+
+try:  # typer >= 0.2x vendors click; older releases use the click package
+    from typer.exceptions import Abort as _Abort, Exit as _Exit, TyperException as _UsageBase
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import Abort as _Abort, ClickException as _UsageBase, Exit as _Exit
 
 from . import __version__
 from .errors import JobFailed, LtcliError
@@ -31,6 +35,7 @@ app = typer.Typer(
         "`ltcli quickstart` runs all of it on a built-in synthetic long-tailed dataset."
     ),
     no_args_is_help=True,
+    add_completion=False,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -147,6 +152,47 @@ def _read_stdin_path(value: Optional[str], what: str) -> Optional[str]:
     from .io import read_path_arg
 
     return None if value is None else read_path_arg(value, what)
+
+
+@app.command("extract")
+def extract_cmd(
+    run: Path = typer.Option(Path("ltcli-run"), "--run", help=RUN_HELP),
+    split: List[str] = typer.Option(["train"], "--split", help="train, val or test (repeat for several; 'all' for every split the data has)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Backbone checkpoint (default RUN/backbone.pt)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Override the data spec recorded in run.json (same classes)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .h5 (one --split only; default RUN/features/SPLIT.h5)."),
+    dtype: str = typer.Option("float16", "--dtype", help="float16 (default) or float32."),
+    views: int = typer.Option(1, "--views", help="K seeded augmented views per image (for cRT / LWS on augmented features)."),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA), bf16 or off."),
+    workers: int = typer.Option(4, "--workers", help="Decode / loader worker processes."),
+    gpu_decode: bool = typer.Option(False, "--gpu-decode", help="Decode JPEGs on the GPU (ImageNet-sized data)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the augmented views."),
+    skip_bad_images: Optional[bool] = typer.Option(None, "--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images (default: as in run.json)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rewrite a complete file instead of reusing it."),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+):
+    """Run the backbone once over a split and cache its features in HDF5.
+
+    Resumable (rerun the same command after a crash), reused when complete, refused when it
+    would mix backbones. Prints the .h5 path(s) on stdout. Under torchrun the split is sharded.
+    """
+    from .rundir import RunDir
+    from .stages import extract_splits
+
+    rd = RunDir(run)
+    splits = [s.strip() for item in split for s in item.split(",") if s.strip()]
+    if "all" in splits:
+        splits = [s for s in ("train", "val", "test") if s in rd.read().get("splits", {})]
+    for s in splits:
+        if s not in ("train", "val", "test"):
+            raise LtcliError(f"--split {s}: choose train, val, test or all")
+    options = dict(dtype=dtype, views=views, batch_size=batch_size, device=device, amp=amp, workers=workers,
+                   gpu_decode=gpu_decode, seed=seed, overwrite=overwrite, skip_bad=skip_bad_images)
+    paths = extract_splits(rd, splits, checkpoint=checkpoint, data=data, out=out, options=options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit(paths, as_json, {"features": [str(p) for p in paths]})
 
 
 @app.command("fit-head")
@@ -269,6 +315,84 @@ def info_cmd(
         err_console.print(info_table(d))
 
 
+@app.command("predict")
+def predict_cmd(
+    inputs: List[str] = typer.Argument(..., help="Image files or folders; '-' reads paths from stdin, one per line."),
+    run: Path = typer.Option(Path("ltcli-run"), "--run", help=RUN_HELP),
+    head: str = typer.Option("crt", "--head", help="Head name in RUN/heads or a .pt path."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Backbone checkpoint (default RUN/backbone.pt)."),
+    top_k: int = typer.Option(5, "--top-k", help="How many labels per image."),
+    fmt: str = typer.Option("csv", "--format", help="csv or json (on stdout)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+):
+    """Label new images with the backbone and a fitted head; prints CSV (path, label, score ...) or JSON."""
+    from .rundir import RunDir
+    from .stages import predict_images
+
+    if fmt not in ("csv", "json"):
+        raise LtcliError(f"--format {fmt}: choose csv or json")
+    if top_k < 1:
+        raise LtcliError(f"--top-k {top_k}: must be at least 1")
+    items = list(inputs)
+    if items == ["-"]:
+        items = [line.strip() for line in sys.stdin if line.strip()]
+    rd = RunDir(run)
+    head_path = Path(head) if head.endswith(".pt") else rd.head(head)
+    rows = predict_images(rd, head_path, items, checkpoint=checkpoint, top_k=top_k, device_name=device)
+    if fmt == "json":
+        typer.echo(json.dumps(rows))
+        return
+    import csv
+
+    writer = csv.writer(sys.stdout)
+    k = len(rows[0]["labels"])
+    writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"label{i}", f"score{i}")])
+    for r in rows:
+        writer.writerow([r["path"]] + [v for pair in zip(r["labels"], r["scores"]) for v in pair])
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    run: Path = typer.Option(Path("ltcli-run"), "--run", help=RUN_HELP),
+    data: str = typer.Option("synthetic", "--data", help=DATA_HELP),
+    imbalance_factor: Optional[float] = typer.Option(None, "--imbalance-factor", help="Long-tail profile for real data (IF >= 1)."),
+    val_per_class: int = typer.Option(0, "--val-per-class", help="Balanced val hold-out per class (to tune τ on)."),
+    arch: str = typer.Option("resnet8", "--arch", help="Backbone (resnet8 is sized for the CPU quick start)."),
+    epochs: int = typer.Option(30, "--epochs"),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(0.1, "--lr"),
+    weight_decay: float = typer.Option(5e-4, "--weight-decay"),
+    warmup_epochs: int = typer.Option(5, "--warmup-epochs"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA), bf16 or off."),
+    workers: int = typer.Option(4, "--workers"),
+    grid: str = typer.Option("0:2:0.05", "--grid", help="τ grid for tau-norm and logit-adjust."),
+    tune_metric: str = typer.Option("overall", "--tune-metric", help="Pick τ by overall, macro or few."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Retrain and rewrite everything in --run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the evaluation summary as JSON."),
+):
+    """The whole recipe in one go: train (instance sampling), extract, fit every head, tune τ on val,
+    evaluate on test, and print the joint / NCM / cRT / τ-norm / LWS comparison table.
+
+    With no options it runs on the built-in synthetic long-tailed dataset on the CPU in a few minutes.
+    """
+    from .grid import parse_grid
+    from .pipeline import quickstart
+    from .rundir import RunDir
+    from .train import TrainConfig
+
+    cfg = TrainConfig(
+        data=_data_config(data, seed, imbalance_factor, val_per_class, False, False, None, None),
+        arch=arch, sampling="instance", epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp,
+        workers=workers,
+    )
+    result = quickstart(cfg, RunDir(run), overwrite=overwrite, grid=parse_grid(grid), tune_metric=tune_metric,
+                        extract_options={"workers": workers, "amp": amp})
+    emit(result["paths"], as_json, result["summary"])
+
+
 @app.command("archs")
 def archs_cmd():
     """List the backbone architectures --arch accepts."""
@@ -285,12 +409,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         _DEBUG["on"] = True
     try:
         app(args=args, prog_name="ltcli", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except _Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _Abort:
         typer.echo("ltcli: aborted", err=True)
         sys.exit(130)
-    except click.exceptions.ClickException as exc:  # usage errors: unknown option, bad value
+    except _UsageBase as exc:  # usage errors: unknown option, bad value
         if _DEBUG["on"]:
             raise
         typer.echo(f"ltcli: error: {_one_line(exc.format_message())}", err=True)

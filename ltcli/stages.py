@@ -279,3 +279,135 @@ def fmt_pct(v) -> str:
 
 def summary_json(result: dict) -> str:
     return json.dumps(result, default=str)
+
+
+# --- extract: the backbone runs once per split -------------------------------------------------
+
+
+def _run_data_config(info: dict, data_override: str | None, skip_bad: bool | None):
+    from .data import DataConfig
+
+    fields = dict(info.get("data") or {})
+    known = set(DataConfig.__dataclass_fields__)
+    cfg = DataConfig(**{k: v for k, v in fields.items() if k in known})
+    if data_override:
+        cfg.spec = data_override
+    if skip_bad is not None:
+        cfg.skip_bad_images = skip_bad
+    return cfg
+
+
+def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | None, data: str | None,
+                   out: Path | None, options: dict) -> list[Path]:
+    """Run the stage-1 backbone over each split once and cache the features (HDF5)."""
+    from .data import load_dataset
+    from .extract import extract_split
+    from .rundir import dataset_id as make_dataset_id, file_sha256
+    from .train import init_distributed, load_backbone, model_from_checkpoint, resolve_device
+
+    if out is not None and len(splits) != 1:
+        raise LtcliError("--out: give exactly one --split when naming the output file")
+    ckpt_path = Path(checkpoint or run.backbone)
+    if not ckpt_path.exists():
+        raise LtcliError(f"{ckpt_path}: checkpoint not found; run `ltcli train-backbone --run {run.root}` "
+                         "first or pass --checkpoint")
+    info = run.read()
+    ckpt = load_backbone(ckpt_path)
+    if int(ckpt["num_classes"]) != len(info["class_names"]):
+        raise LtcliError(f"{ckpt_path}: checkpoint has {ckpt['num_classes']} classes, "
+                         f"{run.run_json} has {len(info['class_names'])}")
+    device = resolve_device(options.pop("device", "auto"))
+    dist_info = init_distributed(str(device))
+    if dist_info.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist_info.local_rank)
+    dataset = load_dataset(_run_data_config(info, data, options.pop("skip_bad", None)))
+    if list(dataset.class_names) != list(info["class_names"]):
+        raise LtcliError(f"--data {data or info['data']['spec']}: its classes differ from the run's "
+                         f"({len(dataset.class_names)} vs {len(info['class_names'])} classes, or other names)")
+    train_fp = dataset.split("train").fingerprint() if "train" in dataset.splits else None
+    if train_fp == info.get("fingerprints", {}).get("train"):
+        data_id = info["dataset_id"]
+    else:  # another dataset with the same classes: its files must not mix with the run's
+        data_id = make_dataset_id(data or "", info["class_names"], info["train_counts"], train_fp or "")
+    sha = file_sha256(ckpt_path)
+    train_size = (info.get("train_config") or {}).get("image_size")
+    written = []
+    for name in splits:
+        split = dataset.split(name)
+        model = model_from_checkpoint(ckpt, ckpt_path)
+        path = Path(out or run.features(name))
+        extract_split(
+            model, split, path, backbone_sha256=sha, class_names=info["class_names"],
+            train_counts=info["train_counts"], dataset_id=data_id, arch=ckpt["arch"], device=device,
+            size=options.get("size") or train_size, progress=dist_info.is_main,
+            **{k: v for k, v in options.items() if k != "size"},
+        )
+        written.append(path)
+        if dist_info.is_main and run.root.exists() and out is None:
+            run.log_event({"event": "extract", "split": name, "features": str(path), "rows": len(split)})
+    return written
+
+
+# --- predict: label new images with backbone + head -------------------------------------------------
+
+
+def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, checkpoint: Path | None,
+                   top_k: int, device_name: str, batch_size: int = 256) -> list[dict]:
+    """Top-k labels and scores for image files (or every image under given folders)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import IMAGE_EXTENSIONS
+    from .rundir import file_sha256
+    from .train import SMALL_IMAGE_MAX, load_backbone, model_from_checkpoint, resolve_device
+    from .transforms import normalize_batch, test_transform
+
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise LtcliError(f"{p}: no such image or folder")
+    if not files:
+        raise LtcliError(f"{', '.join(inputs)}: no images found")
+    info = run.read()
+    ckpt_path = Path(checkpoint or run.backbone)
+    ckpt = load_backbone(ckpt_path)
+    head, prov = load_head(head_path)
+    if prov.get("backbone_sha256") and prov["backbone_sha256"] != file_sha256(ckpt_path):
+        raise LtcliError(f"{head_path} was fitted on features of another backbone than {ckpt_path}")
+    device = resolve_device(device_name)
+    model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
+    native = (info.get("train_config") or {}).get("image_size") or (info.get("data") or {}).get("image_size")
+    size = native if native and native <= SMALL_IMAGE_MAX else 224
+    tf = test_transform(size) if size > SMALL_IMAGE_MAX else None
+    names = info["class_names"]
+    k = max(1, min(top_k, len(names)))
+    results = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        tensors = []
+        for f in chunk:
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB")
+                    if tf is not None:
+                        tensors.append(tf(im))
+                    else:
+                        im = im.resize((size, size)) if im.size != (size, size) else im
+                        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+                        tensors.append(arr.view(size, size, 3).permute(2, 0, 1))
+            except (UnidentifiedImageError, OSError) as exc:
+                raise LtcliError(f"{f}: cannot read image ({exc.__class__.__name__})") from None
+        x = torch.stack(tensors).to(device)
+        x = normalize_batch(x) if tf is None else x
+        with torch.no_grad():
+            feats = model.features(x).float().cpu()
+        probs = torch.softmax(head.logits(feats).float(), dim=1)
+        top = probs.topk(k, dim=1)
+        for f, scores, idx in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            results.append({"path": str(f), "labels": [names[i] for i in idx],
+                            "scores": [round(s, 6) for s in scores]})
+    return results
