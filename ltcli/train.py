@@ -332,7 +332,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
     seed_everything(cfg.seed)
 
     dataset = load_dataset(cfg.data)
-    model = build_model(cfg.arch, dataset.num_classes, weights=cfg.weights)
+    model = build_model(cfg.arch, dataset.num_classes, weights=cfg.weights, seed=cfg.seed)
     train_counts = list(map(int, dataset.train_counts))
     info = {
         "format": RUN_FORMAT,
@@ -348,7 +348,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         "splits": {name: len(s) for name, s in dataset.splits.items()},
         "fingerprints": {name: s.fingerprint() for name, s in dataset.splits.items()},
         "sampling": cfg.sampling,
-        "sampling_q": strategy_q(cfg.sampling, cfg.sampling_q) if cfg.sampling != "progressive" else None,
+        "sampling_q": strategy_q(cfg.sampling, cfg.sampling_q),  # progressive: the end point
         "seed": cfg.seed,
         "train_config": cfg.identity(),
         "skipped_images": list(dataset.skipped),
