@@ -82,11 +82,11 @@ class Split:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise LtcliError(f"{path}: cannot read image ({reason[:120]})") from None
 
-    def subset(self, indices) -> Split:
-        """A new Split holding the given positions (in that order)."""
+    def subset(self, indices, name: str | None = None) -> Split:
+        """A new Split holding the given positions (in that order), optionally renamed."""
         idx = np.asarray(indices, dtype=np.int64)
         return Split(
-            self.name,
+            name or self.name,
             self.labels[idx],
             paths=None if self.paths is None else [self.paths[i] for i in idx],
             images=None if self.images is None else self.images[idx],
