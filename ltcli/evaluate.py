@@ -162,8 +162,13 @@ def compute_metrics(
     return out
 
 
-def _pct(value: float | None) -> str:
+def fmt_pct(value: float | None) -> str:
+    """A fraction as a percentage with one decimal; '–' for None."""
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
 
 
 def group_caption(metrics: Mapping) -> str:
@@ -177,10 +182,6 @@ def group_caption(metrics: Mapping) -> str:
     )
 
 
-def _num(x: float) -> str:
-    return f"{x:g}"
-
-
 def metrics_table(rows: Mapping[str, Mapping], title: str | None = None):
     """A rich Table: one row per head, accuracies in percent; caption gives the group sizes."""
     from rich.table import Table
@@ -191,8 +192,8 @@ def metrics_table(rows: Mapping[str, Mapping], title: str | None = None):
         table.add_column(col, justify="right")
     for name, m in rows.items():
         table.add_row(
-            name, _pct(m["overall"]), _pct(m.get("top5")), _pct(m["macro"]),
-            _pct(m["many"]), _pct(m["medium"]), _pct(m["few"]),
+            name, fmt_pct(m["overall"]), fmt_pct(m.get("top5")), fmt_pct(m["macro"]),
+            fmt_pct(m["many"]), fmt_pct(m["medium"]), fmt_pct(m["few"]),
         )
     if rows:
         table.caption = group_caption(next(iter(rows.values())))

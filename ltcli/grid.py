@@ -82,4 +82,4 @@ def parse_grid(text: str, option: str = "--grid") -> list[float]:
         if len(floats) > MAX_VALUES:
             raise LtcliError(f"{option}: {len(floats):,} values given (at most {MAX_VALUES:,})")
 
-    return sorted(set(floats))
+    return sorted({v + 0.0 for v in floats})  # + 0.0 turns '-0' into 0.0

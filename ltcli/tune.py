@@ -4,8 +4,8 @@ Both heads are a per-class rescaling or shift of the joint dot products d_j = w_
   tau-norm       z_j(τ) = d_j / ‖w_j‖^τ  (+ b_j with keep_bias)
   logit-adjust   z_j(τ) = d_j + b_j − τ·log(n_j / N)
 so the expensive N x D x C product is computed ONCE (in row chunks on the device) and each
-τ costs only an elementwise op and an argmax over a chunk that stays in cache. A 41-value
-grid then costs about one evaluation instead of 41.
+τ costs only an elementwise op and a max over a block that stays in cache. A 41-value grid
+then costs about one evaluation instead of 41.
 """
 
 from __future__ import annotations
@@ -17,14 +17,12 @@ import numpy as np
 import torch
 
 from .errors import LtcliError
-from .evaluate import GROUP_NAMES, _pct, group_means, shot_groups
+from .evaluate import GROUP_NAMES, fmt_pct, group_means, shot_groups
 
 METHODS = ("tau-norm", "logit-adjust")
 METRICS = ("overall", "macro", "many", "medium", "few")
-# Rows per matmul chunk (bounds device memory for the dot products) and, within it, rows per
-# τ pass on the CPU (an N x C block of ~1 MB stays in cache across the elementwise op + argmax).
+# Rows per matmul chunk: bounds device memory for the dot products.
 _MATMUL_ROWS = 8192
-_CPU_TAU_ELEMS = 1 << 18
 
 
 def _device(device: Any) -> torch.device:
@@ -44,8 +42,9 @@ def tau_columns(
     Computed in float64 so the result matches building the normalised weight explicitly."""
     t = torch.as_tensor([float(x) for x in taus], dtype=torch.float64)[:, None]
     if method == "tau-norm":
-        # A zero weight row has zero dot products; clamping keeps 0 * scale finite (= 0).
-        norms = weight.detach().double().norm(dim=1).clamp_min(1e-12)
+        # A zero weight row has zero dot products whatever its scale; 1 keeps 0 * scale = 0.
+        norms = weight.detach().double().norm(dim=1)
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         return torch.exp(-t * norms.log()[None, :])
     counts = torch.as_tensor(np.asarray(train_counts), dtype=torch.float64).reshape(-1)
     return -t * (counts / counts.sum()).log()[None, :]
@@ -58,6 +57,8 @@ def _validate(features, labels, weight, bias, train_counts, taus, method, many, 
         raise LtcliError("--grid: no τ values")
     if any(not math.isfinite(float(t)) for t in taus):
         raise LtcliError("--grid: τ values must be finite")
+    features = torch.as_tensor(features)
+    weight = torch.as_tensor(weight)
     if features.ndim == 3 and features.shape[1] == 1:
         features = features[:, 0]
     if features.ndim != 2:
@@ -75,7 +76,7 @@ def _validate(features, labels, weight, bias, train_counts, taus, method, many, 
     if method == "logit-adjust" and (counts <= 0).any():
         j = int(np.flatnonzero(counts <= 0)[0])
         raise LtcliError(f"train counts: class {j} has no training samples; logit-adjust needs log(n_j) finite")
-    labels = torch.as_tensor(labels).reshape(-1).long()
+    labels = torch.as_tensor(labels).reshape(-1).long().cpu()
     if labels.shape[0] != features.shape[0]:
         raise LtcliError(f"labels: {labels.shape[0]} labels for {features.shape[0]} feature rows")
     if labels.numel() == 0:
@@ -86,47 +87,52 @@ def _validate(features, labels, weight, bias, train_counts, taus, method, many, 
     return features, labels, counts
 
 
-@torch.no_grad()
-def tau_predictions(
-    features: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    columns: torch.Tensor,
-    method: str,
-    keep_bias: bool = False,
-    device: Any = None,
-) -> torch.Tensor:
-    """T x N predicted classes (int64, on `device`), one row per τ (one row of `columns`).
+def _scores(d, c, b, additive, out=None):
+    """z = d + c (logit-adjust; the bias is already in d), d * c, or b + d * c (tau-norm)."""
+    if additive:
+        return torch.add(d, c, out=out)
+    if b is None:
+        return torch.mul(d, c, out=out)
+    return torch.addcmul(b, d, c, out=out)
 
-    Ties in the argmax go to the lowest class index, as torch.argmax does."""
-    dev = _device(device)
-    dtype = torch.float64 if torch.float64 in (features.dtype, weight.dtype) else torch.float32
-    w = weight.detach().to(dev, dtype)
-    cols = columns.to(dev, dtype)
-    add_bias = bias is not None and (method == "logit-adjust" or keep_bias)
-    b = bias.detach().to(dev, dtype) if add_bias else None
-    n, num_classes, n_tau = features.shape[0], w.shape[0], cols.shape[0]
-    preds = torch.empty(n_tau, n, dtype=torch.int64, device=dev)
-    # On the CPU the per-τ pass walks a cache-sized block; on a GPU the whole chunk at once.
-    tau_rows = n if dev.type == "cuda" else max(1, _CPU_TAU_ELEMS // num_classes)
-    for start in range(0, n, _MATMUL_ROWS):
-        x = features[start : start + _MATMUL_ROWS].to(dev, dtype, non_blocking=True)
-        dots = x @ w.T
-        if method == "logit-adjust" and b is not None:
-            dots += b
-        buf = torch.empty(min(tau_rows, dots.shape[0]), num_classes, dtype=dtype, device=dev)
-        for s in range(0, dots.shape[0], tau_rows):
-            d = dots[s : s + tau_rows]
-            z = buf[: d.shape[0]]
-            for t in range(n_tau):
-                if method == "logit-adjust":
-                    torch.add(d, cols[t], out=z)
-                elif b is not None:
-                    torch.addcmul(b, d, cols[t], out=z)
-                else:
-                    torch.mul(d, cols[t], out=z)
-                preds[t, start + s : start + s + d.shape[0]] = z.argmax(dim=1)
-    return preds
+
+@torch.no_grad()
+def _grid_correct_cpu(d, y, cols, b, additive, block_elems=1 << 19) -> torch.Tensor:
+    """T x R bool: is argmax_j z_j(τ) the label, for each τ (row of cols) and row of d.
+
+    Exactly torch.argmax's answer (ties to the lowest class) without running argmax, which
+    costs ~5x an elementwise op on the CPU: the label wins iff z_y beats the max of the other
+    classes (a plain vectorised amax); on an exact tie, iff it has the lower index. Rows are
+    walked in cache-sized blocks so each τ pass reads the block from cache."""
+    block_rows = max(1, block_elems // d.shape[1])
+    correct = torch.empty(cols.shape[0], d.shape[0], dtype=torch.bool)
+    buf = torch.empty(min(block_rows, d.shape[0]), d.shape[1], dtype=d.dtype)
+    for s in range(0, d.shape[0], block_rows):
+        ds, ys = d[s : s + block_rows], y[s : s + block_rows, None]
+        z = buf[: ds.shape[0]]
+        for t in range(cols.shape[0]):
+            _scores(ds, cols[t], b, additive, out=z)
+            z_true = z.gather(1, ys).squeeze(1)  # read back from z: bit-identical to the row's entry
+            z.scatter_(1, ys, float("-inf"))
+            best_other = z.amax(dim=1)
+            ok = z_true > best_other
+            tied = (z_true == best_other).nonzero().squeeze(1)
+            if tied.numel():  # rare: the label wins only if every tying class has a higher index
+                ok[tied] = ys[tied, 0] < z[tied].argmax(dim=1)
+            correct[t, s : s + ds.shape[0]] = ok
+    return correct
+
+
+@torch.no_grad()
+def _grid_correct_batched(d, y, cols, b, additive, block_elems=1 << 26) -> torch.Tensor:
+    """Same answer as _grid_correct_cpu, for a GPU: argmax is as cheap as max there, and
+    several τ per kernel (a T' x R x C block) keep the launch count low. No host syncs."""
+    per_tau = max(1, block_elems // d.numel())
+    correct = torch.empty(cols.shape[0], d.shape[0], dtype=torch.bool, device=d.device)
+    for t in range(0, cols.shape[0], per_tau):
+        z = _scores(d[None], cols[t : t + per_tau, None, :], b, additive)
+        correct[t : t + per_tau] = z.argmax(dim=2) == y[None, :]
+    return correct
 
 
 def tau_sweep(
@@ -145,24 +151,46 @@ def tau_sweep(
     """Accuracy of every τ in `taus`: a list of {tau, overall, macro, many, medium, few}.
 
     tau-norm uses w_j / ‖w_j‖^τ, adding b_j only with keep_bias. logit-adjust shifts the joint
-    logits (bias included whenever given; pass bias=None to drop it), keep_bias is ignored.
-    device None: CUDA when available, else CPU. Values are fractions; a group with no class in
-    `labels` gives None."""
+    logits (bias included whenever given; pass bias=None to drop it); keep_bias is ignored.
+    Predictions are argmax with ties to the lowest class, as torch.argmax. device None: CUDA
+    when available, else CPU. Values are fractions; a group with no class in `labels` is None."""
     features, labels, counts = _validate(features, labels, weight, bias, train_counts, taus, method, many, few)
-    columns = tau_columns(weight, counts, taus, method)
-    preds = tau_predictions(features, weight, bias, columns, method, keep_bias, device)
+    weight = torch.as_tensor(weight)
+    bias = None if bias is None else torch.as_tensor(bias)
+    dev = _device(device)
+    dtype = torch.float64 if torch.float64 in (features.dtype, weight.dtype) else torch.float32
+    w = weight.detach().to(dev, dtype)
+    cols = tau_columns(weight, counts, taus, method).to(dev, dtype)
+    # A huge τ makes ‖w_j‖^-τ overflow to inf or underflow to 0, which would silently tie classes.
+    bad = ~torch.isfinite(cols).all(dim=1)
+    if method == "tau-norm":
+        bad |= (cols == 0).any(dim=1)
+    if bad.any():
+        tau = taus[int(bad.nonzero()[0])]
+        raise LtcliError(f"--grid: τ = {tau:g} overflows the per-class scaling in {dtype}; use smaller τ values")
+    additive = method == "logit-adjust"
+    b = bias.detach().to(dev, dtype) if bias is not None and (additive or keep_bias) else None
+    grid_correct = _grid_correct_cpu if dev.type == "cpu" else _grid_correct_batched
 
-    dev = preds.device
-    lab = labels.to(dev)
-    num_classes = weight.shape[0]
-    correct = (preds == lab[None, :]).double()
+    num_classes = w.shape[0]
     per_class_correct = torch.zeros(len(taus), num_classes, dtype=torch.float64, device=dev)
-    per_class_correct.scatter_add_(1, lab[None, :].expand_as(correct), correct)
+    for start in range(0, features.shape[0], _MATMUL_ROWS):
+        x = features[start : start + _MATMUL_ROWS].to(dev, dtype, non_blocking=True)
+        y = labels[start : start + _MATMUL_ROWS].to(dev)
+        dots = x @ w.T  # the one expensive product; every τ reuses it
+        if not torch.isfinite(dots).all():
+            raise LtcliError(f"features: NaN or inf in rows {start}..{start + x.shape[0] - 1}")
+        if additive and b is not None:
+            dots += b  # logit adjustment shifts the joint logits, bias included
+        correct = grid_correct(dots, y, cols, None if additive else b, additive)
+        per_class_correct.index_add_(1, y, correct.to(torch.float64))
+
     n_eval = np.bincount(labels.numpy(), minlength=num_classes)
     present = n_eval > 0
-    acc = np.divide(per_class_correct.cpu().numpy(), n_eval, out=np.zeros((len(taus), num_classes)), where=present)
+    pcc = per_class_correct.cpu().numpy()
+    acc = np.divide(pcc, n_eval, out=np.zeros_like(pcc), where=present)
     means = group_means(acc, present, shot_groups(counts, many, few))
-    overall = (correct.sum(dim=1) / labels.shape[0]).cpu().tolist()
+    overall = (pcc.sum(axis=1) / labels.shape[0]).tolist()
     return [
         {"tau": float(tau), "overall": overall[i], **{k: means[k][i] for k in ("macro",) + GROUP_NAMES}}
         for i, tau in enumerate(taus)
@@ -193,7 +221,7 @@ def tau_table(rows: Sequence[Mapping], best_tau: float | None = None, title: str
         best = best_tau is not None and math.isclose(r["tau"], best_tau, rel_tol=0, abs_tol=1e-12)
         table.add_row(
             f"{r['tau']:g}" + (" ◀" if best else ""),
-            *(_pct(r[k]) for k in ("overall", "macro", "many", "medium", "few")),
+            *(fmt_pct(r[k]) for k in ("overall", "macro", "many", "medium", "few")),
             style="bold green" if best else None,
         )
     return table
