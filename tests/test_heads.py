@@ -338,3 +338,66 @@ def test_option_errors():
     assert h.options["lr"] is None and h.options["epochs"] == 10
     with pytest.raises(LtcliError, match="not fitted"):
         h.logits(torch.randn(2, 3))
+
+
+def test_device_option_and_weight_norms():
+    fs = random_fs()
+    h = build_head("tau-norm", tau=1.0, device="cpu")
+    assert "device" not in h.options  # runtime setting, never saved
+    h.fit(fs)
+    assert torch.allclose(h.weight_norms(), torch.ones(fs.num_classes), atol=1e-6)
+    assert build_head("ncm").fit(fs).weight_norms() is None
+    assert torch.allclose(build_head("joint").fit(fs).weight_norms(), fs.weight.norm(dim=1))
+    with pytest.raises(LtcliError, match="--device tpu"):
+        build_head("joint", device="tpu").fit(fs)
+
+
+def test_faiss_pairwise_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    base, q = torch.randn(9, 5, generator=g), torch.randn(30, 5, generator=g)
+    ip = faiss_index.pairwise(q, base, "cosine", chunk_rows=7)
+    l2 = faiss_index.pairwise(q, base, "euclidean")
+    assert np.allclose(ip, (q @ base.T).numpy(), atol=1e-5)
+    assert np.allclose(l2, ((q[:, None] - base[None]) ** 2).sum(-1).numpy(), atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["crt", "lws", "ncm", "tau-norm"])
+def test_cuda_matches_cpu(method):
+    tr, te = longtail_problem(c=8, nmax=100)
+    tr.features = tr.features.half()  # the cached dtype: kept as float16 on the GPU
+    cpu = build_head(method, **({"epochs": 3} if method in ("crt", "lws") else {})).fit(tr, device="cpu")
+    gpu = build_head(method, **({"epochs": 3} if method in ("crt", "lws") else {})).fit(tr, device="cuda")
+    a, b = cpu.logits(te.features, device="cpu"), gpu.logits(te.features, device="cuda")
+    assert torch.allclose(a, b, atol=2e-3, rtol=1e-3)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.99
+
+
+def test_crt_step_equals_torch_sgd_on_the_same_stream():
+    """The hand-written update is torch.optim.SGD(momentum, weight_decay) on mean cross-entropy."""
+    import math
+
+    from ltcli.heads._balanced import BalancedStream
+
+    g = torch.Generator().manual_seed(0)
+    n, c, d, bs, lr = 300, 5, 7, 64, 0.3
+    x, y = torch.randn(n, d, generator=g), torch.arange(n) % c
+    head = build_head("crt", epochs=2, batch_size=bs, lr=lr).fit(make_fs(x, y), device="cpu")
+
+    gen = torch.Generator().manual_seed(0)  # replay: same init draws, then the same streams
+    bound = 1 / math.sqrt(d)
+    lin = torch.nn.Linear(d, c)
+    lin.weight.data = (torch.rand((c, d), generator=gen) * 2 - 1) * bound
+    lin.bias.data = (torch.rand((c,), generator=gen) * 2 - 1) * bound
+    opt = torch.optim.SGD(lin.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    stream, total, step = BalancedStream(y, c, 1, gen), 2 * math.ceil(n / bs), 0
+    for _ in range(2):
+        ids, lab = stream.epoch()
+        for s in range(0, n, bs):
+            opt.param_groups[0]["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / total))
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(lin(x[ids[s : s + bs]]), lab[s : s + bs]).backward()
+            opt.step()
+            step += 1
+    assert torch.allclose(lin.weight.data, head.weight, atol=1e-6)
+    assert torch.allclose(lin.bias.data, head.bias, atol=1e-6)

@@ -13,8 +13,9 @@ from typing import Callable
 
 import torch
 
+from ..errors import LtcliError
 from ..featureset import FeatureSet
-from .base import Opt, Progress
+from .base import Opt, Progress, check_finite, source_name
 
 DEFAULT_LR_PER_512 = 0.2  # official recipe: lr 0.2 at batch 512, scaled linearly with the batch
 
@@ -39,19 +40,27 @@ class DeviceRows:
     """The train features as (N·K) x D rows on `device`; `batch(idx)` returns float32 rows.
 
     On the CPU the caller's tensor is used as is (no copy); on a GPU it is copied once,
-    in chunks, keeping a 16-bit dtype when the features have one."""
+    in chunks, keeping a 16-bit dtype when the features have one. NaN/inf are refused
+    (checked where the rows live, so a GPU run does not scan them on the host)."""
 
-    def __init__(self, features: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, features: torch.Tensor, device: torch.device, source: str) -> None:
         d = int(features.shape[-1])
         flat = features.reshape(-1, d)
         if flat.device == device:
+            check_finite(features, source)
             self.rows = flat
-        else:
-            dtype = flat.dtype if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-            self.rows = torch.empty(flat.shape, dtype=dtype, device=device)
-            step = max(1, (1 << 26) // max(1, d))
-            for s in range(0, flat.shape[0], step):
-                self.rows[s : s + step].copy_(flat[s : s + step])
+            return
+        dtype = flat.dtype if flat.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        self.rows = torch.empty(flat.shape, dtype=dtype, device=device)
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        step = max(1, (1 << 26) // max(1, d))
+        for s in range(0, flat.shape[0], step):
+            chunk = self.rows[s : s + step]
+            chunk.copy_(flat[s : s + step])
+            finite &= torch.isfinite(chunk).all()
+        if not bool(finite):  # one sync; find the row on the original for the message
+            check_finite(features, source)
+            raise LtcliError(f"{source}: features contain NaN or inf")
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         return self.rows.index_select(0, idx).to(torch.float32)
@@ -84,39 +93,38 @@ class BalancedStream:
         return rows, cls
 
 
-GradFn = Callable[[torch.Tensor, torch.Tensor], list[torch.Tensor]]
+UpdateFn = Callable[[torch.Tensor, torch.Tensor, float], None]
 
 
-def train_balanced(train: FeatureSet, params: list[torch.Tensor], grad_fn: GradFn, options: dict,
-                   device: torch.device, progress: Progress | None,
-                   gen: torch.Generator) -> None:
-    """SGD with momentum and a per-step cosine schedule (to 0), updating `params` in place.
+def train_balanced(train: FeatureSet, update: UpdateFn, options: dict, device: torch.device,
+                   progress: Progress | None, gen: torch.Generator) -> None:
+    """Class-balanced passes over the features with a per-step cosine learning rate (to 0).
 
-    grad_fn(x, y) returns the gradients of the mean loss of a batch, without weight decay."""
-    rows = DeviceRows(train.features, device)
+    update(x, y, lr) performs one SGD step on the caller's parameters for a float32 batch."""
+    rows = DeviceRows(train.features, device, source_name(train))
     stream = BalancedStream(train.labels, train.num_classes, train.views, gen)
-    epochs, bs = options["epochs"], options["batch_size"]
-    wd, mom, lr0 = options["weight_decay"], options["momentum"], effective_lr(options)
-    steps_per_epoch = math.ceil(stream.n / bs)
-    total = epochs * steps_per_epoch
-    bufs = [torch.zeros_like(p) for p in params]
+    epochs, bs, lr0 = options["epochs"], options["batch_size"], effective_lr(options)
+    total = epochs * math.ceil(stream.n / bs)
     step = 0
     for epoch in range(epochs):
         ids, labels = stream.epoch()
         ids, labels = ids.to(device), labels.to(device)
         for s in range(0, stream.n, bs):
-            x, y = rows.batch(ids[s : s + bs]), labels[s : s + bs]
-            grads = grad_fn(x, y)
-            if wd:
-                torch._foreach_add_(grads, params, alpha=wd)
-            # torch.optim.SGD semantics (dampening 0): buf = m*buf + g; p -= lr*buf
-            torch._foreach_mul_(bufs, mom)
-            torch._foreach_add_(bufs, grads)
-            lr = 0.5 * lr0 * (1.0 + math.cos(math.pi * step / total))
-            torch._foreach_add_(params, bufs, alpha=-lr)
+            update(rows.batch(ids[s : s + bs]), labels[s : s + bs],
+                   0.5 * lr0 * (1.0 + math.cos(math.pi * step / total)))
             step += 1
         if progress is not None:
             progress(epoch + 1, epochs)
+
+
+def sgd_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
+                      lr: float, weight_decay: float, momentum: float) -> None:
+    """torch.optim.SGD semantics (dampening 0): g += wd*p; buf = m*buf + g; p -= lr*buf."""
+    if weight_decay:
+        torch._foreach_add_(grads, params, alpha=weight_decay)
+    torch._foreach_mul_(bufs, momentum)
+    torch._foreach_add_(bufs, grads)
+    torch._foreach_add_(params, bufs, alpha=-lr)
 
 
 _MINUS_ONES: dict[tuple[int, str], torch.Tensor] = {}

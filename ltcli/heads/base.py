@@ -111,6 +111,14 @@ def check_finite(x: torch.Tensor, source: str, what: str = "features") -> None:
             raise LtcliError(f"{source}: {what} contain NaN or inf (first at row {row})")
 
 
+def check_chunk_finite(x: torch.Tensor, start: int, source: str) -> None:
+    """check_finite for a chunk already in memory (rows start..): one reduction, no copy."""
+    ok = torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
+    if not bool(ok.all()):
+        row = start + int((~ok).nonzero()[0, 0])
+        raise LtcliError(f"{source}: features contain NaN or inf (first at row {row})")
+
+
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return torch.bincount(labels.to(torch.int64), minlength=num_classes)
 
@@ -130,6 +138,8 @@ class Head:
     needs_classifier: ClassVar[bool] = False  # uses the stage-1 weight/bias of the features file
 
     def __init__(self, **options: Any) -> None:
+        # `device` is where this process computes, not part of the head: never saved
+        self.device: str | torch.device | None = options.pop("device", None)
         self.options: dict[str, Any] = self.check_options(options)
         self.dim: int | None = None
         self.num_classes: int | None = None
@@ -153,13 +163,19 @@ class Head:
 
         device: where training / scoring runs (None = cuda if available, else cpu);
         progress: optional callback(epochs_done, epochs_total) for iterative heads."""
+        if "device" in options:
+            self.device = options.pop("device")
         self.options = self.check_options(options, base=self.options)
-        self._check_train(train)
+        dev = resolve_device(device if device is not None else self.device)
+        self._check_train(train, values=not self.checks_values_on_device)
         self.dim, self.num_classes, self.class_names = train.dim, train.num_classes, list(train.class_names)
-        self._fit(train, resolve_device(device), progress)
+        self._fit(train, dev, progress)
         return self
 
-    def _check_train(self, train: FeatureSet) -> None:
+    # heads that check NaN/inf themselves during their own pass over the features
+    checks_values_on_device: ClassVar[bool] = False
+
+    def _check_train(self, train: FeatureSet, values: bool = True) -> None:
         src = source_name(train)
         _check_feature_tensor(train.features, src)
         n, c, d = int(train.features.shape[0]), train.num_classes, train.dim
@@ -176,7 +192,8 @@ class Head:
         counts = train.train_counts
         if not isinstance(counts, torch.Tensor) or counts.shape != (c,):
             raise LtcliError(f"{src}: train_counts must hold one count per class ({c})")
-        check_finite(train.features, src)
+        if values:
+            check_finite(train.features, src)
         if self.needs_classifier:
             if train.weight is None:
                 raise LtcliError(
@@ -210,17 +227,14 @@ class Head:
                source: str = "features") -> torch.Tensor:
         """N x C float32 CPU scores for N x D features (N x K x D: views averaged), in chunks."""
         self.check_features(feats, source)
-        dev = resolve_device(device)
+        dev = resolve_device(device if device is not None else self.device)
         n = int(feats.shape[0])
         out = torch.empty((n, self.num_classes), dtype=torch.float32)
         budget = _GPU_CHUNK_ELEMS if dev.type == "cuda" else _CPU_CHUNK_ELEMS
         step = max(1, budget // (feats[0].numel() + self.num_classes)) if n else 1
         for start in range(0, n, step):
             x = mean_views(feats[start : start + step].to(dev, non_blocking=True))
-            ok = torch.isfinite(x).all(dim=1)
-            if not bool(ok.all()):
-                row = start + int((~ok).nonzero()[0, 0])
-                raise LtcliError(f"{source}: features contain NaN or inf (first at row {row})")
+            check_chunk_finite(x, start, source)
             out[start : start + x.shape[0]] = self._logits_chunk(x, dev).to("cpu", torch.float32)
         return out
 
@@ -242,6 +256,11 @@ class Head:
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The effective (weight C x D, bias C or None) for linear heads, else None."""
         return None
+
+    def weight_norms(self) -> torch.Tensor | None:
+        """‖w_j‖ of the effective classifier per class (the paper's figure), None if not linear."""
+        lin = self.linear()
+        return None if lin is None else lin[0].norm(dim=1)
 
     # ---- persistence ---------------------------------------------------------------------
     def state(self) -> dict:

@@ -19,6 +19,7 @@ from .linear import LinearHead
 
 class CRTHead(LinearHead):
     method = "crt"
+    checks_values_on_device = True  # DeviceRows checks NaN/inf as it copies
     options_spec = training_options(weight_decay=5e-4)
 
     def _fit(self, train: FeatureSet, device, progress) -> None:
@@ -29,12 +30,25 @@ class CRTHead(LinearHead):
         w = (torch.rand((c, d), generator=gen) * 2 - 1).mul_(bound).to(device)
         b = (torch.rand((c,), generator=gen) * 2 - 1).mul_(bound).to(device)
 
-        def grad_fn(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        wd, mom = self.options["weight_decay"], self.options["momentum"]
+        buf_w, buf_b = torch.zeros_like(w), torch.zeros_like(b)
+
+        def update(x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+            # torch.optim.SGD's momentum step (buf = m*buf + grad + wd*w; w -= lr*buf), fused so
+            # that W (C x D, the only large tensor) is touched few times: the matrix product
+            # itself scales the old buffer and accumulates the gradient gᵀx/B into it.
             g = softmax_minus_onehot(torch.addmm(b, x, w.t()), y)
             inv = 1.0 / x.shape[0]
-            return [torch.mm(g.t(), x).mul_(inv), g.sum(0).mul_(inv)]
+            buf_w.addmm_(g.t(), x, beta=mom, alpha=inv)
+            if wd:
+                buf_w.add_(w, alpha=wd)
+            buf_b.mul_(mom).add_(g.sum(0), alpha=inv)
+            if wd:
+                buf_b.add_(b, alpha=wd)
+            w.add_(buf_w, alpha=-lr)
+            b.add_(buf_b, alpha=-lr)
 
-        train_balanced(train, [w, b], grad_fn, self.options, device, progress, gen)
+        train_balanced(train, update, self.options, device, progress, gen)
         self.weight, self.bias = w.to("cpu"), b.to("cpu")
         self._reset_cache()
 

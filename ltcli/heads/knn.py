@@ -16,8 +16,8 @@ import torch
 
 from .. import faiss_index
 from ..featureset import FeatureSet
-from .base import Head, Opt, _CPU_CHUNK_ELEMS, get_tensor, mean_views
-from .ncm import _normalise, train_mean
+from .base import Head, Opt, _CPU_CHUNK_ELEMS, get_tensor, source_name
+from .ncm import _chunks, _normalise, train_mean
 
 
 class KNNHead(Head):
@@ -27,15 +27,15 @@ class KNNHead(Head):
         "metric": Opt("cosine", str, choices=faiss_index.METRICS, help="cosine or euclidean"),
         "weighting": Opt("distance", str, choices=("distance", "count"), help="vote 1/(1+d) or 1 per neighbour"),
     }
+    checks_values_on_device = True  # train_mean checks NaN/inf in its pass
 
     def _fit(self, train: FeatureSet, device, progress) -> None:
         feats = train.features
         n = int(feats.shape[0])
-        self.mean = train_mean(feats, device).cpu()
+        self.mean = train_mean(feats, device, source_name(train)).cpu()
         bank = torch.empty((n, self.dim), dtype=torch.float32)
-        step = max(1, _CPU_CHUNK_ELEMS // feats[0].numel())
-        for s in range(0, n, step):
-            bank[s : s + step] = mean_views(feats[s : s + step]).cpu()
+        for s, x in _chunks(feats, torch.device("cpu")):
+            bank[s : s + x.shape[0]] = x
         # float16 halves the head file; only when it loses nothing (cached features are float16)
         half = bank.to(torch.float16)
         self.bank = half if torch.equal(half.to(torch.float32), bank) else bank

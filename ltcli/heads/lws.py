@@ -10,13 +10,14 @@ from __future__ import annotations
 import torch
 
 from ..featureset import FeatureSet
-from ._balanced import softmax_minus_onehot, train_balanced, training_options
+from ._balanced import sgd_momentum_step, softmax_minus_onehot, train_balanced, training_options
 from .base import get_tensor
 from .linear import LinearHead
 
 
 class LWSHead(LinearHead):
     method = "lws"
+    checks_values_on_device = True  # DeviceRows checks NaN/inf as it copies
     options_spec = training_options(weight_decay=0.0)
     needs_classifier = True
 
@@ -29,12 +30,16 @@ class LWSHead(LinearHead):
         s = torch.ones(c, device=device)
         gen = torch.Generator().manual_seed(self.options["seed"])
 
-        def grad_fn(x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        buf = torch.zeros_like(s)
+        wd, mom = self.options["weight_decay"], self.options["momentum"]
+
+        def update(x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
             z0 = torch.addmm(b0, x, wt)
             g = softmax_minus_onehot(z0 * s, y)
-            return [g.mul_(z0).sum(0).mul_(1.0 / x.shape[0])]  # dL/ds_j = mean_i g_ij z0_ij
+            grad = g.mul_(z0).sum(0).mul_(1.0 / x.shape[0])  # dL/ds_j = mean_i g_ij z0_ij
+            sgd_momentum_step([s], [grad], [buf], lr, wd, mom)
 
-        train_balanced(train, [s], grad_fn, self.options, device, progress, gen)
+        train_balanced(train, update, self.options, device, progress, gen)
         self.scales = s.to("cpu")
         self._reset_cache()
 

@@ -1,10 +1,11 @@
-"""`ncm`: nearest class mean (Kang et al. 2020), searched with FAISS.
+"""`ncm`: nearest class mean (Kang et al. 2020), scored through FAISS.
 
 Features (views averaged) are centred on the train mean and L2-normalised; each class
 mean is the average of its normalised train features. cosine: the means are normalised
 again and the score is the cosine similarity; euclidean: the score is minus the squared
-distance to the (un-renormalised) mean. C is small, so every query is searched against
-all C means (k = C) and the scores are scattered into an N x C matrix."""
+distance to the (un-renormalised) mean. C is small, so every query is scored against all
+C means with FAISS's brute-force pairwise routine (GPU when faiss has one): the same
+numbers as a k = C nearest-mean search, into an N x C matrix; argmax = nearest mean."""
 
 from __future__ import annotations
 
@@ -14,25 +15,34 @@ import torch
 from .. import faiss_index
 from ..errors import LtcliError
 from ..featureset import FeatureSet
-from .base import Head, Opt, _CPU_CHUNK_ELEMS, get_tensor, mean_views, missing_classes_message, source_name
+from .base import (Head, Opt, _CPU_CHUNK_ELEMS, check_chunk_finite, get_tensor, mean_views,
+                   missing_classes_message, source_name)
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def train_mean(features: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Mean feature (views averaged) in float64, accumulated chunk by chunk."""
-    n, step = int(features.shape[0]), max(1, _CPU_CHUNK_ELEMS // features[0].numel())
+def _chunks(features: torch.Tensor, device: torch.device):
+    """(start, float32 rows x D on device, views averaged) over the features, in chunks."""
+    step = max(1, _CPU_CHUNK_ELEMS // max(1, features[0].numel()))
+    for s in range(0, int(features.shape[0]), step):
+        yield s, mean_views(features[s : s + step].to(device))
+
+
+def train_mean(features: torch.Tensor, device: torch.device, source: str) -> torch.Tensor:
+    """Mean feature (views averaged), accumulated in float64; refuses NaN/inf on the way."""
     total = torch.zeros(int(features.shape[-1]), dtype=torch.float64, device=device)
-    for s in range(0, n, step):
-        total += mean_views(features[s : s + step].to(device)).sum(0, dtype=torch.float64)
-    return (total / n).to(torch.float32)
+    for s, x in _chunks(features, device):
+        check_chunk_finite(x, s, source)
+        total += x.sum(0, dtype=torch.float64)
+    return (total / int(features.shape[0])).to(torch.float32)
 
 
 class NCMHead(Head):
     method = "ncm"
     options_spec = {"metric": Opt("cosine", str, choices=faiss_index.METRICS, help="cosine or euclidean")}
+    checks_values_on_device = True  # train_mean checks NaN/inf in its pass
 
     def _fit(self, train: FeatureSet, device, progress) -> None:
         c, d = self.num_classes, self.dim
@@ -42,34 +52,24 @@ class NCMHead(Head):
         if missing:
             raise LtcliError(missing_classes_message(
                 source_name(train), missing, train.class_names, "NCM needs at least one per class"))
-        feats = train.features
-        self.mean = train_mean(feats, device)
+        mean = train_mean(train.features, device, source_name(train))
         sums = torch.zeros((c, d), dtype=torch.float32, device=device)
-        step = max(1, _CPU_CHUNK_ELEMS // feats[0].numel())
-        for s in range(0, int(feats.shape[0]), step):
-            x = _normalise(mean_views(feats[s : s + step].to(device)) - self.mean)
-            sums.index_add_(0, labels[s : s + step].to(device), x)
+        for s, x in _chunks(train.features, device):
+            sums.index_add_(0, labels[s : s + x.shape[0]].to(device), _normalise(x - mean))
         means = sums / counts.to(device, torch.float32).unsqueeze(1)
         if self.options["metric"] == "cosine":
             means = _normalise(means)
-        self.mean, self.class_means = self.mean.cpu(), means.cpu()
-        self._index = None
-
-    def _get_index(self):
-        if getattr(self, "_index", None) is None:
-            index = faiss_index.make_index(self.dim, self.options["metric"], max_k=self.num_classes)
-            faiss_index.add(index, self.class_means)
-            self._index = index
-        return self._index
+        self.mean, self.class_means = mean.cpu(), means.cpu()
+        self._means_np = None
 
     def _logits_chunk(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if getattr(self, "_means_np", None) is None:
+            self._means_np = faiss_index.as_float32(self.class_means)
         q = _normalise(x - self.mean.to(x.device))
-        scores, ids = faiss_index.search(self._get_index(), q, self.num_classes)
+        scores = faiss_index.pairwise(q, self._means_np, self.options["metric"])
         if self.options["metric"] == "euclidean":
             np.negative(scores, out=scores)  # higher = better
-        out = torch.full((q.shape[0], self.num_classes), -float("inf"))
-        out.scatter_(1, torch.from_numpy(ids), torch.from_numpy(scores))
-        return out
+        return torch.from_numpy(scores)
 
     def _state(self) -> dict:
         return {"mean": self.mean, "class_means": self.class_means}
@@ -77,4 +77,4 @@ class NCMHead(Head):
     def _load_state(self, state: dict) -> None:
         self.mean = get_tensor(state, "mean", (self.dim,)).float()
         self.class_means = get_tensor(state, "class_means", (self.num_classes, self.dim)).float()
-        self._index = None
+        self._means_np = None
