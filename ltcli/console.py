@@ -11,6 +11,8 @@ from rich.progress import (
 )
 
 err_console = Console(stderr=True)
+if not err_console.is_terminal:  # logs and pipes: don't wrap table rows and epoch lines at 80 columns
+    err_console = Console(stderr=True, width=120)
 
 
 def progress_bar(**kwargs) -> Progress:

@@ -330,7 +330,9 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
     else:  # another dataset with the same classes: its files must not mix with the run's
         data_id = make_dataset_id(data or "", info["class_names"], info["train_counts"], train_fp or "")
     sha = file_sha256(ckpt_path)
-    train_size = (info.get("train_config") or {}).get("image_size")
+    from .train import SMALL_IMAGE_MAX
+
+    train_size = info.get("image_size") or (info.get("train_config") or {}).get("image_size")
     written = []
     for name in splits:
         split = dataset.split(name)
@@ -340,6 +342,7 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
             model, split, path, backbone_sha256=sha, class_names=info["class_names"],
             train_counts=info["train_counts"], dataset_id=data_id, arch=ckpt["arch"], device=device,
             size=options.get("size") or train_size, progress=dist_info.is_main,
+            small=split.images is not None or bool(train_size and train_size <= SMALL_IMAGE_MAX),
             **{k: v for k, v in options.items() if k != "size"},
         )
         written.append(path)
@@ -380,7 +383,7 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
         raise LtcliError(f"{head_path} was fitted on features of another backbone than {ckpt_path}")
     device = resolve_device(device_name)
     model = model_from_checkpoint(ckpt, ckpt_path).to(device).eval()
-    native = (info.get("train_config") or {}).get("image_size") or (info.get("data") or {}).get("image_size")
+    native = info.get("image_size") or (info.get("train_config") or {}).get("image_size")
     size = native if native and native <= SMALL_IMAGE_MAX else 224
     tf = test_transform(size) if size > SMALL_IMAGE_MAX else None
     names = info["class_names"]

@@ -139,13 +139,24 @@ def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 # --- the data a run trains on --------------------------------------------------------------
 
 
+def probe_native_size(split) -> int | None:
+    """Side of the first readable image, so CIFAR-sized JPEG folders train at 32 px, not 224."""
+    for i in range(min(len(split), 8)):
+        try:
+            with split.load(i) as im:
+                return max(im.size)
+        except LtcliError:
+            continue
+    return None
+
+
 class TrainImages:
     """Gives batches of (images, labels) on the device for a list of sample indices."""
 
     def __init__(self, dataset: Dataset, cfg: TrainConfig, device: torch.device, dist_info: DistInfo):
         self.split = dataset.split("train")
         self.device = device
-        native = dataset.native_size
+        native = dataset.native_size or probe_native_size(self.split)
         self.size = cfg.image_size or (native if native and native <= SMALL_IMAGE_MAX else 224)
         self.in_memory = self.size <= SMALL_IMAGE_MAX
         self.labels_np = np.asarray(self.split.labels, dtype=np.int64)
@@ -358,6 +369,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         raise LtcliError(f"--resume: the data behind {run.run_json} changed since the run started")
 
     images = TrainImages(dataset, cfg, device, dist_info)
+    info["image_size"] = images.size  # what extract and predict must feed the backbone
     if images.skipped:
         info["skipped_images"] = sorted(set(info["skipped_images"]) | set(images.skipped))
     num_train = len(images.kept)
