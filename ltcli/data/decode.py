@@ -30,7 +30,8 @@ def _open_fit(split: Split, i: int, size: int) -> np.ndarray:
     path = split.paths[i]
     try:
         with Image.open(path) as img:
-            img.draft("RGB", (size, size))  # JPEG: let the decoder downscale big images for free
+            if min(img.size) >= 2 * size:
+                img.draft("RGB", (size, size))  # JPEG: let the decoder downscale big images for free
             img.load()
             return fit_image(img.convert("RGB"), size)
     except FileNotFoundError:
