@@ -119,6 +119,7 @@ def train_backbone_cmd(
     allow_outside_root: bool = typer.Option(False, "--allow-outside-root", help="Let list-file paths point outside ROOT."),
     synthetic_classes: Optional[int] = typer.Option(None, "--synthetic-classes", help="Classes of the synthetic dataset."),
     synthetic_size: Optional[int] = typer.Option(None, "--synthetic-size", help="Image side of the synthetic dataset."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the train step (CUDA graphs on GPU; pays off for small nets)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from backbone-last.pt (same configuration)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in --run."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -137,7 +138,7 @@ def train_backbone_cmd(
         arch=arch, weights=weights, sampling=sampling, sampling_q=sampling_q, epochs=epochs,
         batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp, image_size=image_size,
-        workers=workers,
+        workers=workers, compile=compile_model,
     )
     result = train_backbone(cfg, RunDir(run), resume=resume, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -54,11 +54,12 @@ class TrainConfig:
     workers: int = 4
     many_threshold: int = 100
     few_threshold: int = 20
+    compile: bool = False  # torch.compile; on CUDA "reduce-overhead" captures the step in CUDA graphs
 
     def identity(self) -> dict[str, Any]:
         """The fields that define a run: --resume refuses a run whose identity differs."""
         d = asdict(self)
-        for volatile in ("device", "workers", "epochs"):
+        for volatile in ("device", "workers", "epochs", "compile"):
             d.pop(volatile)
         d["data"].pop("skip_bad_images", None)
         return d
@@ -401,6 +402,9 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cfg.compile:
+        # small nets at CIFAR batch sizes are launch-bound: CUDA graphs remove the launch cost
+        train_model = torch.compile(train_model, mode="reduce-overhead" if device.type == "cuda" else "default")
 
     if dist_info.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
@@ -458,7 +462,9 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
     for step in range(steps):
         if images.in_memory:
             idx = indices[step * batch : (step + 1) * batch]
-            if len(idx) == 0:
+            # a compiled step is specialised to one batch shape: drop the short last batch
+            # rather than compile a second graph (the stream is reshuffled every epoch)
+            if len(idx) == 0 or (cfg.compile and len(idx) < batch and step > 0):
                 break
             x, y = images.batch(idx, gen)
         else:
