@@ -57,15 +57,15 @@ def imagenet_lt_counts(total: int = N_TRAIN, n_max: int = N_MAX, n_min: int = N_
     return -np.sort(-n)
 
 
-def make_split(counts: np.ndarray, mu: torch.Tensor, gen: torch.Generator, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def make_split(counts: np.ndarray, mu: torch.Tensor, gen: torch.Generator,
+               step: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """float16 features mu[y] + noise, generated in chunks (no float32 copy of the whole)."""
     y = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts))
     y = y[torch.randperm(len(y), generator=gen)]
-    x = torch.empty((len(y), mu.shape[1]), dtype=torch.float16, device=device)
-    step = 8192
+    x = torch.empty((len(y), mu.shape[1]), dtype=torch.float16)
     for s in range(0, len(y), step):
         yy = y[s : s + step]
-        x[s : s + len(yy)] = (mu[yy] + torch.randn(len(yy), mu.shape[1], generator=gen)).to(device, torch.float16)
+        x[s : s + len(yy)] = (mu[yy] + torch.randn(len(yy), mu.shape[1], generator=gen)).to(torch.float16)
     return x, y
 
 
@@ -236,7 +236,7 @@ def bare_ncm(train: FeatureSet, val: FeatureSet, device: str) -> torch.Tensor:
     step = 8192
     total = torch.zeros(D, dtype=torch.float64, device=device)
     for s in range(0, train.features.shape[0], step):
-        total += train.features[s : s + step].to(device, torch.float32).sum(0, dtype=torch.float64)
+        total += train.features[s : s + step].to(device, torch.float32).sum(0)
     mean = (total / train.features.shape[0]).float()
     sums = torch.zeros(C, D, device=device)
     for s in range(0, train.features.shape[0], step):

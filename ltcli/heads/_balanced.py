@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import LtcliError
@@ -68,72 +69,131 @@ class DeviceRows:
 
 class BalancedStream:
     """Per epoch, N draws: a class uniformly (among classes with samples), then a sample
-    uniformly within it, then one of its K stored views uniformly."""
+    uniformly within it, then one of its K stored views uniformly.
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, views: int, gen: torch.Generator) -> None:
-        labels = labels.to("cpu", torch.int64)
-        self.n, self.views, self.gen = int(labels.numel()), views, gen
-        counts = torch.bincount(labels, minlength=num_classes)
-        self.present = counts.nonzero().flatten()  # empty classes are never drawn
-        self.counts = counts
-        self.starts = torch.cumsum(counts, 0) - counts
-        self.order = torch.argsort(labels, stable=True)  # sample ids grouped by class
-        self.labels = labels
+    Drawn with NumPy on the CPU: single-threaded vector ops are fastest for ~1e5 draws,
+    and the stream is the same whichever device trains on it."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, views: int, rng: np.random.Generator) -> None:
+        labels = labels.to("cpu", torch.int64).numpy()
+        self.n, self.views, self.rng = int(labels.size), views, rng
+        self.counts = np.bincount(labels, minlength=num_classes)
+        self.present = np.flatnonzero(self.counts)  # empty classes are never drawn
+        self.starts = np.cumsum(self.counts) - self.counts
+        self.order = np.argsort(labels, kind="stable")  # sample ids grouped by class
 
     def epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row ids into the (N·K) x D matrix, their labels), both int64 of length N."""
-        g, m = self.gen, self.n
-        cls = self.present[torch.randint(len(self.present), (m,), generator=g)]
+        m, rng = self.n, self.rng
+        cls = self.present[rng.integers(len(self.present), size=m)]
         cnt = self.counts[cls]
-        off = (torch.rand(m, generator=g, dtype=torch.float64) * cnt).long().clamp_max_(cnt - 1)
-        sample = self.order[self.starts[cls] + off]
-        rows = sample * self.views
+        off = np.minimum((rng.random(m) * cnt).astype(np.int64), cnt - 1)
+        rows = self.order[self.starts[cls] + off] * self.views
         if self.views > 1:
-            rows += torch.randint(self.views, (m,), generator=g)
-        return rows, cls
+            rows += rng.integers(self.views, size=m)
+        return torch.from_numpy(rows), torch.from_numpy(cls)
 
 
-UpdateFn = Callable[[torch.Tensor, torch.Tensor, float], None]
+# step(x, y, neg_lr): one SGD step on a float32 batch; neg_lr is a 1-element device tensor
+# holding -lr, so that the same step can be replayed from a CUDA graph.
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+_GRAPH_WARMUP = 3  # eager steps before capturing (cuBLAS handles, allocator)
+# None: graph the steps on CUDA devices. True: also take the counter-driven path on the CPU
+# (run eagerly there; lets tests check it against the plain loop). False: never.
+USE_GRAPHS: bool | None = None
 
 
-def train_balanced(train: FeatureSet, update: UpdateFn, options: dict, device: torch.device,
-                   progress: Progress | None, gen: torch.Generator) -> None:
-    """Class-balanced passes over the features with a per-step cosine learning rate (to 0).
+class _GraphedSteps:
+    """Replays the full-batch steps of an epoch from one captured CUDA graph.
 
-    update(x, y, lr) performs one SGD step on the caller's parameters for a float32 batch."""
+    A step is ~10 small kernels; launched one by one from Python they cost more than the
+    two matrix products on a fast GPU. The graph reads its batch ids, labels and learning
+    rate from device buffers through device-side counters, so one replay is one step."""
+
+    def __init__(self, rows: DeviceRows, step: StepFn, neg_lr: torch.Tensor, full: int, bs: int) -> None:
+        dev = neg_lr.device
+        self.rows, self.step, self.neg_lr = rows, step, neg_lr
+        self.ids = torch.empty((full, bs), dtype=torch.int64, device=dev)
+        self.labels = torch.empty((full, bs), dtype=torch.int64, device=dev)
+        self.batch_no = torch.zeros(1, dtype=torch.int64, device=dev)  # within the epoch
+        self.step_no = torch.zeros(1, dtype=torch.int64, device=dev)  # global, for the lr
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.eager_done = 0
+
+    def load_epoch(self, ids: torch.Tensor, labels: torch.Tensor, first_step: int) -> None:
+        full, bs = self.ids.shape
+        self.ids.copy_(ids[: full * bs].view(full, bs))
+        self.labels.copy_(labels[: full * bs].view(full, bs))
+        self.batch_no.zero_()
+        self.step_no.fill_(first_step)
+
+    def _body(self) -> None:
+        idx = self.ids.index_select(0, self.batch_no).view(-1)
+        y = self.labels.index_select(0, self.batch_no).view(-1)
+        self.step(self.rows.batch(idx), y, self.neg_lr.index_select(0, self.step_no))
+        self.batch_no.add_(1)
+        self.step_no.add_(1)
+
+    def run(self) -> None:
+        if self.neg_lr.device.type != "cuda":
+            self._body()
+            return
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        if self.eager_done < _GRAPH_WARMUP:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.eager_done += 1
+            return
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records only; nothing runs until replay
+            self._body()
+        self.graph.replay()
+
+
+def train_balanced(train: FeatureSet, step: StepFn, options: dict, device: torch.device,
+                   progress: Progress | None) -> None:
+    """Class-balanced passes over the features, lr following a per-step cosine (to 0);
+    the sample stream is seeded by options['seed']."""
     rows = DeviceRows(train.features, device, source_name(train))
-    stream = BalancedStream(train.labels, train.num_classes, train.views, gen)
+    rng = np.random.default_rng(options["seed"])
+    stream = BalancedStream(train.labels, train.num_classes, train.views, rng)
     epochs, bs, lr0 = options["epochs"], options["batch_size"], effective_lr(options)
-    total = epochs * math.ceil(stream.n / bs)
-    step = 0
+    full, rest = divmod(stream.n, bs)
+    per_epoch = full + (rest > 0)
+    total = epochs * per_epoch
+    t = torch.arange(total, dtype=torch.float64)
+    neg_lr = (-0.5 * lr0 * (1.0 + torch.cos(math.pi * t / total))).to(device, torch.float32)
+    use = device.type == "cuda" if USE_GRAPHS is None else USE_GRAPHS
+    graphed = _GraphedSteps(rows, step, neg_lr, full, bs) if use and full > _GRAPH_WARMUP else None
+    done = 0
     for epoch in range(epochs):
         ids, labels = stream.epoch()
         ids, labels = ids.to(device), labels.to(device)
-        for s in range(0, stream.n, bs):
-            update(rows.batch(ids[s : s + bs]), labels[s : s + bs],
-                   0.5 * lr0 * (1.0 + math.cos(math.pi * step / total)))
-            step += 1
+        if graphed is not None:
+            graphed.load_epoch(ids, labels, done)
+        for j in range(per_epoch):
+            if graphed is not None and j < full:
+                graphed.run()
+            else:
+                s = j * bs
+                step(rows.batch(ids[s : s + bs]), labels[s : s + bs], neg_lr[done : done + 1])
+            done += 1
         if progress is not None:
             progress(epoch + 1, epochs)
 
 
-def sgd_momentum_step(params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
-                      lr: float, weight_decay: float, momentum: float) -> None:
-    """torch.optim.SGD semantics (dampening 0): g += wd*p; buf = m*buf + g; p -= lr*buf."""
-    if weight_decay:
-        torch._foreach_add_(grads, params, alpha=weight_decay)
-    torch._foreach_mul_(bufs, momentum)
-    torch._foreach_add_(bufs, grads)
-    torch._foreach_add_(params, bufs, alpha=-lr)
+def minus_ones(bs: int, device: torch.device) -> torch.Tensor:
+    """The (bs, 1) constant that softmax_minus_onehot scatters; allocated once per fit."""
+    return torch.full((bs, 1), -1.0, device=device)
 
 
-_MINUS_ONES: dict[tuple[int, str], torch.Tensor] = {}
-
-
-def softmax_minus_onehot(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def softmax_minus_onehot(z: torch.Tensor, y: torch.Tensor, neg_ones: torch.Tensor) -> torch.Tensor:
     """Per-sample d(cross-entropy)/dz = softmax(z) - onehot(y), built in the softmax's buffer."""
     p = torch.softmax(z, dim=1)
-    key = (p.shape[0], str(p.device))
-    if key not in _MINUS_ONES:  # cached: one fewer kernel per step
-        _MINUS_ONES[key] = torch.full((p.shape[0], 1), -1.0, device=p.device)
-    return p.scatter_add_(1, y.unsqueeze(1), _MINUS_ONES[key])
+    return p.scatter_add_(1, y.unsqueeze(1), neg_ones[: p.shape[0]])

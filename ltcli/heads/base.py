@@ -98,25 +98,35 @@ def mean_views(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=1) if x.dim() == 3 else x
 
 
+def _bad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Indices of rows of x (rows x ...) holding NaN or inf.
+
+    Screened by row sums (float32, one cheap reduction): any NaN/inf makes its row's sum
+    non-finite. Only flagged rows are then checked element-wise, so a finite row whose sum
+    merely overflowed is not reported."""
+    flat = x.reshape(x.shape[0], -1)
+    flagged = (~torch.isfinite(flat.sum(dim=1, dtype=torch.float32))).nonzero().flatten()
+    if flagged.numel() == 0:
+        return flagged
+    return flagged[~torch.isfinite(flat[flagged]).all(dim=1)]
+
+
 def check_finite(x: torch.Tensor, source: str, what: str = "features") -> None:
     """LtcliError naming the first bad row if x holds NaN or inf (checked in chunks)."""
     n = int(x.shape[0])
     row_elems = max(1, x[0].numel() if n else 1)
     step = max(1, _CPU_CHUNK_ELEMS // row_elems)
     for start in range(0, n, step):
-        chunk = x[start : start + step]
-        ok = torch.isfinite(chunk).reshape(chunk.shape[0], -1).all(dim=1)
-        if not bool(ok.all()):
-            row = start + int((~ok).nonzero()[0, 0])
-            raise LtcliError(f"{source}: {what} contain NaN or inf (first at row {row})")
+        bad = _bad_rows(x[start : start + step])
+        if bad.numel():
+            raise LtcliError(f"{source}: {what} contain NaN or inf (first at row {start + int(bad[0])})")
 
 
 def check_chunk_finite(x: torch.Tensor, start: int, source: str) -> None:
-    """check_finite for a chunk already in memory (rows start..): one reduction, no copy."""
-    ok = torch.isfinite(x).reshape(x.shape[0], -1).all(dim=1)
-    if not bool(ok.all()):
-        row = start + int((~ok).nonzero()[0, 0])
-        raise LtcliError(f"{source}: features contain NaN or inf (first at row {row})")
+    """check_finite for one chunk already in memory, whose first row is row `start`."""
+    bad = _bad_rows(x)
+    if bad.numel():
+        raise LtcliError(f"{source}: features contain NaN or inf (first at row {start + int(bad[0])})")
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

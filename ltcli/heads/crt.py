@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..featureset import FeatureSet
-from ._balanced import softmax_minus_onehot, train_balanced, training_options
+from ._balanced import minus_ones, softmax_minus_onehot, train_balanced, training_options
 from .base import get_tensor
 from .linear import LinearHead
 
@@ -30,25 +30,24 @@ class CRTHead(LinearHead):
         w = (torch.rand((c, d), generator=gen) * 2 - 1).mul_(bound).to(device)
         b = (torch.rand((c,), generator=gen) * 2 - 1).mul_(bound).to(device)
 
-        wd, mom = self.options["weight_decay"], self.options["momentum"]
+        wd, mom, bs = self.options["weight_decay"], self.options["momentum"], self.options["batch_size"]
         buf_w, buf_b = torch.zeros_like(w), torch.zeros_like(b)
+        neg_ones, ones = minus_ones(bs, device), torch.ones(bs, device=device)
 
-        def update(x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
-            # torch.optim.SGD's momentum step (buf = m*buf + grad + wd*w; w -= lr*buf), fused so
-            # that W (C x D, the only large tensor) is touched few times: the matrix product
-            # itself scales the old buffer and accumulates the gradient gᵀx/B into it.
-            g = softmax_minus_onehot(torch.addmm(b, x, w.t()), y)
+        def step(x: torch.Tensor, y: torch.Tensor, neg_lr: torch.Tensor) -> None:
+            # torch.optim.SGD's momentum step (buf = m*buf + grad + wd*p; p -= lr*buf), fused
+            # so that W (C x D, the only large tensor) is touched few times: the matrix
+            # product itself scales the old buffer and accumulates the gradient gᵀx/B into it.
+            g = softmax_minus_onehot(torch.addmm(b, x, w.t()), y, neg_ones)
             inv = 1.0 / x.shape[0]
             buf_w.addmm_(g.t(), x, beta=mom, alpha=inv)
+            buf_b.addmv_(g.t(), ones[: x.shape[0]], beta=mom, alpha=inv)  # bias grad: column sums
             if wd:
-                buf_w.add_(w, alpha=wd)
-            buf_b.mul_(mom).add_(g.sum(0), alpha=inv)
-            if wd:
-                buf_b.add_(b, alpha=wd)
-            w.add_(buf_w, alpha=-lr)
-            b.add_(buf_b, alpha=-lr)
+                torch._foreach_add_([buf_w, buf_b], [w, b], alpha=wd)
+            w.addcmul_(buf_w, neg_lr)
+            b.addcmul_(buf_b, neg_lr)
 
-        train_balanced(train, update, self.options, device, progress, gen)
+        train_balanced(train, step, self.options, device, progress)
         self.weight, self.bias = w.to("cpu"), b.to("cpu")
         self._reset_cache()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..featureset import FeatureSet
-from ._balanced import sgd_momentum_step, softmax_minus_onehot, train_balanced, training_options
+from ._balanced import minus_ones, softmax_minus_onehot, train_balanced, training_options
 from .base import get_tensor
 from .linear import LinearHead
 
@@ -28,18 +28,21 @@ class LWSHead(LinearHead):
         wt = self.weight.to(device).t().contiguous()
         b0 = (self.bias if self.bias is not None else torch.zeros(c)).to(device)
         s = torch.ones(c, device=device)
-        gen = torch.Generator().manual_seed(self.options["seed"])
 
         buf = torch.zeros_like(s)
-        wd, mom = self.options["weight_decay"], self.options["momentum"]
+        wd, mom, bs = self.options["weight_decay"], self.options["momentum"], self.options["batch_size"]
+        neg_ones, ones = minus_ones(bs, device), torch.ones(bs, device=device)
 
-        def update(x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+        def step(x: torch.Tensor, y: torch.Tensor, neg_lr: torch.Tensor) -> None:
+            # SGD with momentum on s; dL/ds_j = mean_i g_ij z0_ij (z0: the frozen joint logits)
             z0 = torch.addmm(b0, x, wt)
-            g = softmax_minus_onehot(z0 * s, y)
-            grad = g.mul_(z0).sum(0).mul_(1.0 / x.shape[0])  # dL/ds_j = mean_i g_ij z0_ij
-            sgd_momentum_step([s], [grad], [buf], lr, wd, mom)
+            g = softmax_minus_onehot(z0 * s, y, neg_ones).mul_(z0)
+            buf.addmv_(g.t(), ones[: x.shape[0]], beta=mom, alpha=1.0 / x.shape[0])
+            if wd:
+                buf.add_(s, alpha=wd)
+            s.addcmul_(buf, neg_lr)
 
-        train_balanced(train, update, self.options, device, progress, gen)
+        train_balanced(train, step, self.options, device, progress)
         self.scales = s.to("cpu")
         self._reset_cache()
 
