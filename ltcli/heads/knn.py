@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import faiss_index
+from ..errors import LtcliError
 from ..featureset import FeatureSet
 from .base import Head, Opt, _CPU_CHUNK_ELEMS, get_tensor, source_name
 from .ncm import _chunks, _normalise, train_mean
@@ -73,8 +74,6 @@ class KNNHead(Head):
         return {"mean": self.mean, "bank": self.bank, "bank_labels": self.bank_labels}
 
     def _load_state(self, state: dict) -> None:
-        from ..errors import LtcliError
-
         self.mean = get_tensor(state, "mean", (self.dim,)).float()
         bank = state.get("bank")
         n = int(bank.shape[0]) if isinstance(bank, torch.Tensor) and bank.dim() == 2 else -1
