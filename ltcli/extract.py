@@ -100,6 +100,23 @@ def rank_rows(n: int, batch_size: int, rank: int, world_size: int) -> tuple[int,
     return min(n, b0 * batch_size), min(n, b1 * batch_size)
 
 
+class _Normalize:
+    """`transforms.normalize_batch` with its constants made once on the device.
+
+    normalize_batch builds its mean/std tensors from Python lists on every call; on CUDA such
+    a copy from pageable memory waits for the stream, i.e. one full sync per batch. The same
+    arithmetic with cached constants gives identical values without the sync."""
+
+    def __init__(self, device: torch.device):
+        from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+        self.scale = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
+        self.shift = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float32) - self.shift) / self.scale
+
+
 # --------------------------------------------------------------------------------------------
 # sources: give normalised float batches on the device for rows [s, e)
 
@@ -129,8 +146,9 @@ class _SmallSource:
             self.transform += f"; {views} views, seed {seed}"
 
     def batches(self, start: int, stop: int, batch_size: int):
-        from .transforms import augment_batch, normalize_batch
+        from .transforms import augment_batch
 
+        normalize_batch = _Normalize(self.device)
         cl = self.device.type == "cuda"
         for s, e in batch_ranges(start, stop, batch_size):
             x = self.images[s:e].to(self.device, non_blocking=True)
@@ -231,8 +249,7 @@ class _FileSource:
             self.transform = describe_transform(self.tf)
 
     def batches(self, start: int, stop: int, batch_size: int):
-        from .transforms import normalize_batch
-
+        normalize_batch = _Normalize(self.device)
         ds = _FileDataset(self.split, self.kept, self.tf, self.views, self.seed, raw=self.gpu_decode)
         # rows of the file are positions in `kept`; the loader indexes ds by file row
         grid = _BatchGrid(start, stop, batch_size, offset=0)
@@ -275,6 +292,26 @@ class _FileSource:
         return x.round_().clamp_(0, 255).to(torch.uint8)[0]
 
     def _decode_on_device(self, datas: list[torch.Tensor], js: list[int]) -> torch.Tensor:
+        """Decode a batch of file bytes on the GPU; uint8 B x 3 x size x size on the device.
+
+        nvJPEG's hardware decoder writes its outputs without waiting for the work queued on its
+        stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634): given a block of the caching
+        allocator that queued kernels still read, it corrupts that memory (seen here as NaN
+        features). So decoding runs on a side stream that is drained before every decode (only
+        the previous batch's resizes are queued there, never the forward), and the batch handed
+        to the main stream is marked with record_stream so its memory is not reused early."""
+        main = torch.cuda.current_stream(self.device)
+        if getattr(self, "_stream", None) is None:
+            self._stream = torch.cuda.Stream(self.device)
+        side = self._stream
+        side.synchronize()
+        with torch.cuda.stream(side):
+            out = self._decode_resize(datas, js)
+        main.wait_stream(side)
+        out.record_stream(main)
+        return out
+
+    def _decode_resize(self, datas: list[torch.Tensor], js: list[int]) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
         out = torch.empty((len(datas), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
@@ -285,8 +322,9 @@ class _FileSource:
                 imgs = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
                 decoded.update(zip(jpeg, imgs))
             except RuntimeError:
-                for i in jpeg:   # find the culprit(s); fall back to the CPU per image
+                for i in jpeg:   # find the culprit(s); the others fall back to the CPU below
                     try:
+                        torch.cuda.current_stream(self.device).synchronize()
                         decoded[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=self.device)
                     except RuntimeError:
                         pass
@@ -294,7 +332,7 @@ class _FileSource:
             if i not in decoded:
                 row = int(self.kept[js[i]])
                 try:
-                    decoded[i] = decode_image(d, mode=ImageReadMode.RGB).to(self.device, non_blocking=True)
+                    decoded[i] = decode_image(d, mode=ImageReadMode.RGB).to(self.device)
                 except RuntimeError:
                     img = self.split.load(row)   # PIL: raises an LtcliError naming the file
                     arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -462,8 +500,8 @@ class Extraction:
                 f"checkpoint: the classifier has {weight.shape[0]} classes but the data has {len(class_names)}"
             )
         self.views, self.batch_size, self.overwrite, self.progress = views, batch_size, overwrite, progress
-        if small is None:
-            small = split.images is not None
+        if small is None:   # as training decides: small images (<= 64 px) go in memory
+            small = size <= SMALL_IMAGE_MAX if size else split.images is not None
         if small:
             self.source = _SmallSource(split, size, skip_bad, workers, device, views, seed)
             kept = self.source.kept
