@@ -220,28 +220,41 @@ def _file_loader(split, transform, indices, batch_size, workers, device):
 # --- evaluation during training ------------------------------------------------------------
 
 
+class HeldOutImages:
+    """The per-epoch validation split, decoded once (small images) so epochs don't re-decode it."""
+
+    def __init__(self, split, size, cfg, device):
+        self.split, self.size, self.device = split, size, device
+        self.labels = torch.as_tensor(np.asarray(split.labels, dtype=np.int64))
+        self.images = None
+        if size <= SMALL_IMAGE_MAX:
+            images, kept = decode_split(split, size, skip_bad=cfg.data.skip_bad_images, workers=max(1, cfg.workers))
+            self.labels = self.labels[torch.as_tensor(kept)]
+            self.images = images.to(device)
+
+    def batches(self, batch_size, workers):
+        if self.images is not None:
+            for start in range(0, len(self.images), batch_size):
+                yield normalize_batch(self.images[start : start + batch_size])
+        else:
+            loader = _file_loader(self.split, test_transform(self.size), np.arange(len(self.split)), batch_size,
+                                  workers, self.device)
+            for x, _ in loader:
+                yield x.to(self.device, non_blocking=True)
+
+
 @torch.no_grad()
-def evaluate_model(model, split, size, device, autocast_dtype, train_counts, cfg, batch_size=512, workers=4):
+def evaluate_model(model, held_out: HeldOutImages, autocast_dtype, train_counts, cfg, batch_size=512, workers=4):
     """Top-1 and shot-group accuracy of the joint classifier on a held-out split."""
     model.eval()
+    device = held_out.device
     outputs = []
-    labels = torch.as_tensor(np.asarray(split.labels, dtype=np.int64))
-    if size <= SMALL_IMAGE_MAX:
-        images, kept = decode_split(split, size, skip_bad=cfg.data.skip_bad_images, workers=max(1, workers))
-        labels = labels[torch.as_tensor(kept)]
-        for start in range(0, len(images), batch_size):
-            x = normalize_batch(images[start : start + batch_size].to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                outputs.append(model(x).float().cpu())
-    else:
-        loader = _file_loader(split, test_transform(size), np.arange(len(split)), batch_size, workers, device)
-        for x, _ in loader:
-            x = x.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                outputs.append(model(x).float().cpu())
+    for x in held_out.batches(batch_size, workers):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            outputs.append(model(x).float().cpu())
     model.train()
     scores = torch.cat(outputs) if outputs else torch.zeros(0, len(train_counts))
-    return compute_metrics(scores, labels, train_counts, many=cfg.many_threshold, few=cfg.few_threshold)
+    return compute_metrics(scores, held_out.labels, train_counts, many=cfg.many_threshold, few=cfg.few_threshold)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -414,6 +427,9 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
                        "world_size": dist_info.world_size, "num_train": num_train})
 
     val_name = "val" if "val" in dataset.splits else ("test" if "test" in dataset.splits else None)
+    held_out = None
+    if val_name is not None and dist_info.is_main:
+        held_out = HeldOutImages(dataset.split(val_name), images.size, cfg, device)
     history = []
     bar = progress_bar(disable=not (progress and dist_info.is_main))
     with bar:
@@ -426,8 +442,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
             record = {"event": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, **metrics}
             if dist_info.is_main:
                 if val_name is not None:
-                    m = evaluate_model(model, dataset.split(val_name), images.size, device, autocast_dtype,
-                                       train_counts, cfg, workers=cfg.workers)
+                    m = evaluate_model(model, held_out, autocast_dtype, train_counts, cfg, workers=cfg.workers)
                     record.update({f"{val_name}_{k}": m[k] for k in ("overall", "macro", "many", "medium", "few")})
                 atomic_torch_save(checkpoint_payload(model, optimizer, epoch, cfg, info), run.last_checkpoint)
                 run.log_event(record)
