@@ -12,6 +12,9 @@ RUN=${2:-runs/cifar10-lt}
 shift 2 || true
 LTCLI=${LTCLI:-ltcli}
 EPOCHS=${EPOCHS:-200}
+VIEWS=${VIEWS:-0}        # > 0: cRT / LWS train on K augmented views of each train image (official style)
+MANY=${MANY:-100}        # shot-group thresholds; CIFAR-10-LT has no class under 20 images,
+FEW=${FEW:-20}           # MANY=1000 FEW=200 splits its 10 classes 4 / 3 / 3
 
 start=$(date +%s)
 $LTCLI train-backbone --run "$RUN" --overwrite --data "imagefolder:$DATA" \
@@ -19,9 +22,15 @@ $LTCLI train-backbone --run "$RUN" --overwrite --data "imagefolder:$DATA" \
   --epochs "$EPOCHS" --batch-size 128 --lr 0.1 --weight-decay 2e-4 --warmup-epochs 5 "$@"
 trained=$(date +%s)
 $LTCLI extract --run "$RUN" --split train --split val --split test --overwrite
-for m in joint ncm crt lws knn; do $LTCLI fit-head --run "$RUN" --method "$m"; done
-$LTCLI tune-tau --run "$RUN" --split val --method tau-norm --plot
-$LTCLI tune-tau --run "$RUN" --split val --method logit-adjust --plot
-$LTCLI eval --run "$RUN" --split test --plot
+for m in joint ncm knn; do $LTCLI fit-head --run "$RUN" --method "$m"; done
+if [ "$VIEWS" -gt 0 ]; then
+  $LTCLI extract --run "$RUN" --split train --views "$VIEWS" --out "$RUN/features/train-views.h5" --overwrite
+  for m in crt lws; do $LTCLI fit-head --run "$RUN" --method "$m" --features "$RUN/features/train-views.h5"; done
+else
+  for m in crt lws; do $LTCLI fit-head --run "$RUN" --method "$m"; done
+fi
+$LTCLI tune-tau --run "$RUN" --split val --method tau-norm --plot --many "$MANY" --few "$FEW"
+$LTCLI tune-tau --run "$RUN" --split val --method logit-adjust --plot --many "$MANY" --few "$FEW"
+$LTCLI eval --run "$RUN" --split test --plot --many "$MANY" --few "$FEW"
 end=$(date +%s)
 echo "wall: train $((trained - start)) s, extract + heads + eval $((end - trained)) s, total $((end - start)) s" >&2
