@@ -210,6 +210,8 @@ def fit_head_cmd(
     keep_bias: bool = typer.Option(False, "--keep-bias", help="tau-norm: keep the joint bias."),
     metric: Optional[str] = typer.Option(None, "--metric", help="ncm / knn: cosine or euclidean."),
     k: Optional[int] = typer.Option(None, "--k", help="knn: neighbours (default 10)."),
+    weighting: Optional[str] = typer.Option(None, "--weighting", help="knn: votes weighted by 'distance' (default) or 'count'."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="crt / lws: SGD momentum (default 0.9)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="crt / lws: sampling and init seed."),
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -226,7 +228,8 @@ def fit_head_cmd(
     features_path = Path(_read_stdin_path(features, "--features") or rd.features("train"))
     out_path = out or rd.head(method)
     given = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, tau=tau,
-                 keep_bias=keep_bias or None, metric=metric, k=k, seed=seed, device=device)
+                 keep_bias=keep_bias or None, metric=metric, k=k, weighting=weighting, momentum=momentum,
+                 seed=seed, device=device)
     options = head_options(method, {key: v for key, v in given.items() if v is not None})
     path = fit_head(features_path, method, out_path, options, run=rd if out is None else None)
     emit([path], as_json, {"head": str(path), "method": method, "options": options})

@@ -29,12 +29,12 @@ LINEAR_HEADS = {"joint", "crt", "tau-norm", "lws"}
 # which fit-head options each method takes (anything else is a usage error, not ignored)
 METHOD_OPTIONS = {
     "joint": set(),
-    "crt": {"epochs", "lr", "batch_size", "weight_decay", "seed", "device"},
-    "lws": {"epochs", "lr", "batch_size", "weight_decay", "seed", "device"},
+    "crt": {"epochs", "lr", "batch_size", "weight_decay", "momentum", "seed", "device"},
+    "lws": {"epochs", "lr", "batch_size", "weight_decay", "momentum", "seed", "device"},
     "tau-norm": {"tau", "keep_bias"},
     "logit-adjust": {"tau"},
     "ncm": {"metric"},
-    "knn": {"metric", "k"},
+    "knn": {"metric", "k", "weighting"},
 }
 
 
@@ -47,6 +47,8 @@ def head_options(method: str, given: dict) -> dict:
             users = [m for m, opts in METHOD_OPTIONS.items() if key in opts]
             flag = "--" + key.replace("_", "-")
             raise LtcliError(f"{flag}: does not apply to --method {method} (only to {', '.join(users)})")
+    if "weighting" in given and given["weighting"] not in ("distance", "count"):
+        raise LtcliError(f"--weighting {given['weighting']}: choose distance or count")
     if "metric" in given and given["metric"] not in ("cosine", "euclidean"):
         raise LtcliError(f"--metric {given['metric']}: choose cosine or euclidean")
     for key in ("epochs", "batch_size", "k"):
@@ -80,7 +82,7 @@ def _log(run: RunDir | None, event: dict) -> None:
 
 def fit_head(features_path: Path, method: str, out_path: Path, options: dict, run: RunDir | None = None) -> Path:
     """Fit one head on train features and save it atomically."""
-    fs = read_features(features_path)
+    fs = read_features(features_path, mmap=True)  # float16 pages, no float32 copy of N x D
     if fs.split != "train":
         raise LtcliError(
             f"{features_path}: holds the '{fs.split}' split; heads are fitted on train features "
@@ -202,8 +204,8 @@ def evaluate_heads(
     run: RunDir | None = None,
 ) -> dict:
     """Evaluate every head on one split; write the JSON report, per-class CSV and plots."""
-    fs = read_features(features_path)
-    feats = fs.features if fs.views == 1 else fs.features.mean(dim=1)
+    fs = read_features(features_path, mmap=True)
+    feats = fs.features  # heads average stored views themselves
     results: dict[str, dict] = {}
     norms: dict[str, Any] = {}
     for name, path in heads:
