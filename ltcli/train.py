@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .console import err_console, progress_bar
-from .data import DataConfig, Dataset, decode_split, load_dataset
+from .data import DataConfig, Dataset, SplitDataset, collate_skip, decode_split, load_dataset
 from .errors import LtcliError
 from .evaluate import compute_metrics
 from .io import atomic_torch_save, safe_torch_load
@@ -183,17 +183,6 @@ class TrainImages:
         return normalize_batch(x), self.labels.index_select(0, index)
 
 
-class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, split, transform):
-        self.split, self.transform = split, transform
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, i):
-        return self.transform(self.split.load(int(i))), int(self.split.labels[i])
-
-
 class _ListSampler(torch.utils.data.Sampler):
     def __init__(self, indices):
         self.indices = indices
@@ -206,8 +195,11 @@ class _ListSampler(torch.utils.data.Sampler):
 
 
 def _file_loader(split, transform, indices, batch_size, workers, device):
+    """Batches (x, y, idx, bad_paths): unreadable images come back by name, never as a worker
+    traceback, and the caller decides whether to fail or skip them."""
     return torch.utils.data.DataLoader(
-        _FileDataset(split, transform),
+        SplitDataset(split, transform, skip_bad=True),
+        collate_fn=collate_skip,
         batch_size=batch_size,
         sampler=_ListSampler(indices),
         num_workers=workers,
@@ -225,6 +217,8 @@ class HeldOutImages:
 
     def __init__(self, split, size, cfg, device):
         self.split, self.size, self.device = split, size, device
+        self.skip_bad = cfg.data.skip_bad_images
+        self.seen_labels: list[torch.Tensor] = []
         self.labels = torch.as_tensor(np.asarray(split.labels, dtype=np.int64))
         self.images = None
         if size <= SMALL_IMAGE_MAX:
@@ -239,8 +233,12 @@ class HeldOutImages:
         else:
             loader = _file_loader(self.split, test_transform(self.size), np.arange(len(self.split)), batch_size,
                                   workers, self.device)
-            for x, _ in loader:
-                yield x.to(self.device, non_blocking=True)
+            for x, y, _, bad in loader:
+                if bad and not self.skip_bad:
+                    raise LtcliError(f"{bad[0]}: cannot read image (--skip-bad-images skips and records it)")
+                if x is not None:
+                    self.seen_labels.append(y)
+                    yield x.to(self.device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -249,12 +247,15 @@ def evaluate_model(model, held_out: HeldOutImages, autocast_dtype, train_counts,
     model.eval()
     device = held_out.device
     outputs = []
+    held_out.seen_labels = []
     for x in held_out.batches(batch_size, workers):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             outputs.append(model(x).float().cpu())
     model.train()
     scores = torch.cat(outputs) if outputs else torch.zeros(0, len(train_counts))
-    return compute_metrics(scores, held_out.labels, train_counts, many=cfg.many_threshold, few=cfg.few_threshold)
+    # streamed (large) images: the labels of the images actually read, skipped ones left out
+    labels = torch.cat(held_out.seen_labels) if held_out.seen_labels else held_out.labels
+    return compute_metrics(scores, labels, train_counts, many=cfg.many_threshold, few=cfg.few_threshold)
 
 
 # --- checkpoints ---------------------------------------------------------------------------
@@ -452,6 +453,9 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
                 dist.barrier()
 
     if dist_info.is_main:
+        if images.skipped:  # streamed images found unreadable during training
+            info["skipped_images"] = sorted(set(info["skipped_images"]) | set(images.skipped))
+            run.write(info)
         final = checkpoint_payload(model, None, cfg.epochs - 1, cfg, info)
         atomic_torch_save(final, run.backbone)
         run.log_event({"event": "train-done", "backbone_sha256": file_sha256(run.backbone)})
@@ -484,9 +488,15 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
             x, y = images.batch(idx, gen)
         else:
             try:
-                x, y = next(loader)
+                x, y, _, bad = next(loader)
             except StopIteration:
                 break
+            if bad:
+                if not cfg.data.skip_bad_images:
+                    raise LtcliError(f"{bad[0]}: cannot read image (--skip-bad-images skips and records it)")
+                images.skipped.extend(p for p in bad if p not in images.skipped)
+            if x is None:
+                continue
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if cfg.channels_last and device.type == "cuda":
