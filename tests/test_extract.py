@@ -226,6 +226,8 @@ JOB = textwrap.dedent(
     except LtcliError as e:
         print("ltcli: error:", e, file=sys.stderr); sys.exit(2)
     print(sys.argv[1])
+    if os.environ.get("DIST_FILE"):
+        dist.destroy_process_group()   # gloo aborts at exit ("terminate called...") otherwise
     """
 )
 
