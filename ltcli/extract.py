@@ -122,32 +122,56 @@ class _Normalize:
 
 
 class _SmallSource:
-    """The whole split decoded once into a uint8 N x 3 x H x W tensor."""
+    """The whole split decoded once into a uint8 N x 3 x H x W tensor (on the device on CUDA).
 
-    def __init__(self, split, size, skip_bad, workers, device, views, seed):
-        from .data import decode_split
+    When the rows and the side are known without decoding (no skip_bad; `size` given or the
+    images in memory), decoding waits for the first batch, so a reused file costs nothing."""
 
-        images, kept = decode_split(split, size, skip_bad=skip_bad, workers=max(1, workers))
-        self.kept = np.asarray(kept, dtype=np.int64)
-        if device.type == "cuda":
-            if images.numel() <= (4 << 30):
-                images = images.to(device)
-            else:
-                images = images.pin_memory()
-        self.images = images
-        self.device = device
-        self.views = views
-        self.seed = seed
-        self.side = int(images.shape[-1]) if images.dim() == 4 else size
+    def __init__(self, split, size, skip_bad, workers, device, views, seed, progress=False):
+        self.split, self.size, self.skip_bad, self.workers = split, size, skip_bad, workers
+        self.device, self.views, self.seed, self.progress = device, views, seed, progress
+        self.images = None
+        if not skip_bad and (size is not None or split.images is not None):
+            self.kept = np.arange(len(split), dtype=np.int64)
+            self.side = int(size if size is not None else split.images.shape[2])
+        else:
+            self._decode()
         from .transforms import describe_transform
 
         self.transform = describe_transform(size=self.side, augment=views > 1)
         if views > 1:
             self.transform += f"; {views} views, seed {seed}"
 
+    def prepare(self) -> None:
+        """Decode now if not done yet (before a progress bar of the forward starts)."""
+        if self.images is None:
+            self._decode()
+
+    def _decode(self) -> None:
+        from .data import decode_split
+
+        split = self.split
+        with _Bar(self.progress and split.paths is not None) as bar:
+            cb = None
+            if bar is not None:
+                task = bar.add_task(f"decode {split.name}", total=len(split), rate="")
+                cb = lambda n: bar.update(task, completed=n)  # noqa: E731
+            images, kept = decode_split(split, self.size, skip_bad=self.skip_bad,
+                                        workers=max(1, self.workers), progress=cb)
+        kept = np.asarray(kept, dtype=np.int64)
+        if self.images is None and hasattr(self, "kept") and not np.array_equal(kept, self.kept):
+            raise LtcliError(f"split {split.name}: images changed while extracting")
+        self.kept = kept
+        self.side = int(images.shape[-1]) if images.dim() == 4 and len(images) else (self.size or 0)
+        if self.device.type == "cuda":
+            images = images.to(self.device) if images.numel() <= (4 << 30) else images.pin_memory()
+        self.images = images
+
     def batches(self, start: int, stop: int, batch_size: int):
         from .transforms import augment_batch
 
+        if start < stop:
+            self.prepare()
         normalize_batch = _Normalize(self.device)
         cl = self.device.type == "cuda"
         for s, e in batch_ranges(start, stop, batch_size):
@@ -388,7 +412,7 @@ def _run(model, source, writer: FeatureWriter, start: int, stop: int, device, am
     if cuda:
         shape = (bs, writer.dim) if views == 1 else (bs, views, writer.dim)
         pool = _host_buffers(shape, out_dtype, True, writer.queue_size + 2)
-    task = bar.add_task("extract", total=stop - start, rate="") if bar is not None else None
+    task = bar.add_task(f"extract {writer.path.name}", total=stop - start, rate="") if bar is not None else None
     t0, done = time.perf_counter(), 0
     for s, e, xs in source.batches(start, stop, bs):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -503,7 +527,7 @@ class Extraction:
         if small is None:   # as training decides: small images (<= 64 px) go in memory
             small = size <= SMALL_IMAGE_MAX if size else split.images is not None
         if small:
-            self.source = _SmallSource(split, size, skip_bad, workers, device, views, seed)
+            self.source = _SmallSource(split, size, skip_bad, workers, device, views, seed, progress)
             kept = self.source.kept
         else:
             if skip_bad and split.paths is not None:
@@ -538,6 +562,8 @@ class Extraction:
         )
 
     def _forward(self, w: FeatureWriter, start: int, stop: int, offset: int, show: bool) -> None:
+        if start < stop and hasattr(self.source, "prepare"):
+            self.source.prepare()
         with _Bar(show) as bar:
             _run(self.model, self.source, w, start, stop, self.device, self.amp, self.out_dtype,
                  self.views, bar, offset=offset)

@@ -83,13 +83,20 @@ def test_small_images_features_match_the_model(tmp_path):
     torch.testing.assert_close(fs32.features, want, rtol=1e-5, atol=1e-6)
 
 
-def test_deterministic_and_reused(tmp_path, capsys):
+def test_deterministic_and_reused(tmp_path, capsys, monkeypatch):
     model, split = tiny_model(), mem_split()
     a = extract_split(model, split, tmp_path / "a.h5", **opts())
     b = extract_split(model, split, tmp_path / "b.h5", **opts())
     assert sha(a) == sha(b)
     mtime = a.stat().st_mtime_ns
-    extract_split(model, split, a, **opts(progress=True))
+    import ltcli.data
+
+    def no_decode(*a, **k):
+        raise AssertionError("a reused file must not decode the split")
+
+    with monkeypatch.context() as m:
+        m.setattr(ltcli.data, "decode_split", no_decode)
+        extract_split(model, split, a, **opts(progress=True))
     assert a.stat().st_mtime_ns == mtime and "reusing" in capsys.readouterr().err
     with pytest.raises(LtcliError, match="backbone_sha256.*--overwrite"):
         extract_split(model, split, a, **opts(backbone_sha256="ef" * 32))
