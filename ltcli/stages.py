@@ -267,6 +267,12 @@ def _check_head_matches(head_path: Path, prov: dict, fs, features_path: Path) ->
             f"{head_path} and {features_path} come from different backbones "
             f"(backbone_sha256 {want[:12]}… vs {have[:12]}…)"
         )
+    want_data, have_data = prov.get("dataset_id"), fs.attrs.get("dataset_id")
+    if want_data and have_data and want_data != have_data:
+        raise LtcliError(
+            f"{head_path} and {features_path} come from different datasets "
+            f"(dataset_id {want_data[:12]}… vs {have_data[:12]}…)"
+        )
     if prov.get("feature_dim") not in (None, fs.dim):
         raise LtcliError(f"{head_path}: head expects D={prov['feature_dim']}, {features_path} has D={fs.dim}")
     if prov.get("num_classes") not in (None, fs.num_classes):
