@@ -328,7 +328,8 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
     dist_info = init_distributed(str(device))
     if dist_info.enabled and device.type == "cuda":
         device = torch.device("cuda", dist_info.local_rank)
-    dataset = load_dataset(_run_data_config(info, data, options.pop("skip_bad", None)))
+    data_cfg = _run_data_config(info, data, options.pop("skip_bad", None))
+    dataset = load_dataset(data_cfg)
     if list(dataset.class_names) != list(info["class_names"]):
         raise LtcliError(f"--data {data or info['data']['spec']}: its classes differ from the run's "
                          f"({len(dataset.class_names)} vs {len(info['class_names'])} classes, or other names)")
@@ -351,11 +352,14 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
             train_counts=info["train_counts"], dataset_id=data_id, arch=ckpt["arch"], device=device,
             size=options.get("size") or train_size, progress=dist_info.is_main,
             small=split.images is not None or bool(train_size and train_size <= SMALL_IMAGE_MAX),
+            skip_bad=data_cfg.skip_bad_images,
             **{k: v for k, v in options.items() if k != "size"},
         )
         written.append(path)
         if dist_info.is_main and run.root.exists() and out is None:
             run.log_event({"event": "extract", "split": name, "features": str(path), "rows": len(split)})
+    if dist_info.enabled:  # a clean exit under torchrun (gloo can abort at interpreter exit otherwise)
+        torch.distributed.destroy_process_group()
     return written
 
 

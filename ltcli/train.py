@@ -461,6 +461,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         run.log_event({"event": "train-done", "backbone_sha256": file_sha256(run.backbone)})
     if dist_info.enabled:
         dist.barrier()
+        dist.destroy_process_group()
     return {"run": str(run.root), "backbone": str(run.backbone), "history": history}
 
 

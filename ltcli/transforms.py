@@ -7,6 +7,7 @@ DataLoader workers (`train_transform` / `test_transform`)."""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -37,11 +38,19 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator | None = None, pad
     return out.gather(3, idx_c)
 
 
+@functools.lru_cache(maxsize=16)
+def _norm_constants(device: torch.device, mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    # built once per device: a fresh torch.tensor(list, device="cuda") each batch is a
+    # host-to-device copy that synchronises the stream
+    shift = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
+    scale = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
+    return shift, scale
+
+
 def normalize_batch(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 N x 3 x H x W in [0, 255] -> `dtype`, (x / 255 - mean) / std per channel."""
-    scale = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-    shift = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+    shift, scale = _norm_constants(x.device, tuple(mean), tuple(std))
     return ((x.to(torch.float32) - shift) / scale).to(dtype)
 
 
