@@ -129,3 +129,22 @@ def tiny_pipeline(tiny_run, tmp_path_factory) -> Path:
     check_ok(run_cli(["fit-head", "--run", run, "--method", "crt", "--epochs", "2", "--device", "cpu"]))
     check_ok(run_cli(["tune-tau", "--run", run, "--split", "val", "--grid", "0:2:0.5"]))
     return run
+
+
+# --- end-to-end helpers (test_cli.py, test_pipeline.py, test_ddp.py, test_realdata_cli.py) -------
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def stdout_files(proc, cwd=None) -> list[Path]:
+    """Checks the stdout convention (design.md section 2): every line is a bare path of an
+    existing file, nothing else; returns the paths."""
+    lines = proc.stdout.splitlines()
+    assert lines, f"nothing on stdout; stderr:\n{proc.stderr[-2000:]}"
+    paths = []
+    for line in lines:
+        assert line and line.strip() == line, f"stdout line {line!r} is not a bare path"
+        p = Path(line) if cwd is None or Path(line).is_absolute() else Path(cwd) / line
+        assert p.is_file(), f"stdout line {line!r} is not an existing file"
+        paths.append(Path(line))
+    return paths
