@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .console import err_console, progress_bar
+from .device import amp_dtype
 from .errors import LtcliError
 from .features import FeatureWriter, _open_h5, shard_path
 
@@ -48,16 +49,6 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 def _mix(*values: int) -> int:
     """A 63-bit seed from several integers (independent streams per (seed, view, row))."""
     return int(np.random.SeedSequence([int(v) & 0xFFFFFFFF for v in values]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp in ("off", "none", "fp32"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    raise LtcliError(f"--amp {amp}: unknown (choose auto, bf16, off)")
 
 
 def _dist_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -516,7 +507,7 @@ class Extraction:
             err_console.print("--gpu-decode needs a CUDA device; decoding on the CPU instead")
         if len(class_names) != len(train_counts):
             raise ValueError("class_names and train_counts differ in length")
-        self.amp = _amp_dtype(amp, device)
+        self.amp = amp_dtype(amp, device)
         self.model = model
         self.dim, weight, bias = _prepare_model(model, device)
         if weight is not None and weight.shape[0] != len(class_names):

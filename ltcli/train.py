@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .console import err_console, progress_bar
+from .device import amp_dtype, resolve_device  # noqa: F401 (re-exported for callers)
 from .data import DataConfig, Dataset, SplitDataset, collate_skip, decode_split, load_dataset
 from .errors import LtcliError
 from .evaluate import compute_metrics
@@ -66,26 +67,6 @@ class TrainConfig:
 
 
 # --- device and distributed helpers --------------------------------------------------
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LtcliError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise LtcliError(f"--device {name}: unknown (choose auto, cpu, cuda)")
-    return torch.device(name)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp in ("off", "none", "fp32"):
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    raise LtcliError(f"--amp {amp}: unknown (choose auto, bf16, off)")
 
 
 @dataclass

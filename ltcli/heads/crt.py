@@ -13,7 +13,6 @@ import torch
 
 from ..featureset import FeatureSet
 from ._balanced import minus_ones, softmax_minus_onehot, train_balanced, training_options
-from .base import get_tensor
 from .linear import LinearHead
 
 
@@ -49,16 +48,4 @@ class CRTHead(LinearHead):
 
         train_balanced(train, step, self.options, device, progress)
         self.weight, self.bias = w.to("cpu"), b.to("cpu")
-        self._reset_cache()
-
-    def _effective(self):
-        return self.weight, self.bias
-
-    def _state(self) -> dict:
-        return {"weight": self.weight, "bias": self.bias}
-
-    def _load_state(self, state: dict) -> None:
-        c, d = self.num_classes, self.dim
-        self.weight = get_tensor(state, "weight", (c, d)).float()
-        self.bias = get_tensor(state, "bias", (c,)).float()
         self._reset_cache()

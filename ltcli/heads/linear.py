@@ -4,14 +4,35 @@ from __future__ import annotations
 
 import torch
 
-from .base import Head
+from ..featureset import FeatureSet
+from .base import Head, get_tensor
 
 
 class LinearHead(Head):
-    """Subclasses implement `_effective()`: the (W, b) that scores with, on the CPU."""
+    """A head that keeps a weight W (C x D), an optional bias b (C) and, per subclass, a few
+    more per-class vectors (`extra_state`); `_effective()` gives the (W, b) it scores with."""
+
+    extra_state: tuple[str, ...] = ()
+
+    def _copy_stage1(self, train: FeatureSet) -> None:
+        """Start from the stage-1 classifier stored in the features file."""
+        self.weight = train.weight.detach().to("cpu", torch.float32).clone()
+        self.bias = None if train.bias is None else train.bias.detach().to("cpu", torch.float32).clone()
 
     def _effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
+        return self.weight, self.bias
+
+    def _state(self) -> dict:
+        return {"weight": self.weight, "bias": self.bias, **{k: getattr(self, k) for k in self.extra_state}}
+
+    def _load_state(self, state: dict) -> None:
+        c, d = self.num_classes, self.dim
+        self.weight = get_tensor(state, "weight", (c, d)).float()
+        bias = get_tensor(state, "bias", (c,), optional=True)
+        self.bias = None if bias is None else bias.float()
+        for key in self.extra_state:
+            setattr(self, key, get_tensor(state, key, (c,)).float())
+        self._reset_cache()
 
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._require_fitted()

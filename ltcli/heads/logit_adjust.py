@@ -9,7 +9,7 @@ import torch
 
 from ..errors import LtcliError
 from ..featureset import FeatureSet
-from .base import Opt, get_tensor, missing_classes_message, source_name
+from .base import Opt, missing_classes_message, source_name
 from .linear import LinearHead
 
 
@@ -17,6 +17,7 @@ class LogitAdjustHead(LinearHead):
     method = "logit-adjust"
     options_spec = {"tau": Opt(1.0, float, min=0.0, help="strength τ of the prior correction")}
     needs_classifier = True
+    extra_state = ("log_prior",)
 
     def _fit(self, train: FeatureSet, device, progress) -> None:
         counts = train.train_counts.to(torch.float64)
@@ -25,22 +26,10 @@ class LogitAdjustHead(LinearHead):
             raise LtcliError(missing_classes_message(
                 source_name(train), missing, train.class_names,
                 "logit-adjust needs log(n_j / N) for every class"))
-        self.weight = train.weight.detach().to("cpu", torch.float32).clone()
-        self.bias = None if train.bias is None else train.bias.detach().to("cpu", torch.float32).clone()
+        self._copy_stage1(train)
         self.log_prior = (counts / counts.sum()).log().to(torch.float32)
         self._reset_cache()
 
     def _effective(self):
         bias = self.bias if self.bias is not None else torch.zeros(self.num_classes)
         return self.weight, bias - self.options["tau"] * self.log_prior
-
-    def _state(self) -> dict:
-        return {"weight": self.weight, "bias": self.bias, "log_prior": self.log_prior}
-
-    def _load_state(self, state: dict) -> None:
-        c, d = self.num_classes, self.dim
-        self.weight = get_tensor(state, "weight", (c, d)).float()
-        bias = get_tensor(state, "bias", (c,), optional=True)
-        self.bias = None if bias is None else bias.float()
-        self.log_prior = get_tensor(state, "log_prior", (c,)).float()
-        self._reset_cache()

@@ -11,7 +11,6 @@ import torch
 
 from ..featureset import FeatureSet
 from ._balanced import minus_ones, softmax_minus_onehot, train_balanced, training_options
-from .base import get_tensor
 from .linear import LinearHead
 
 
@@ -20,6 +19,7 @@ class LWSHead(LinearHead):
     checks_values_on_device = True  # DeviceRows checks NaN/inf as it copies
     options_spec = training_options(weight_decay=0.0)
     needs_classifier = True
+    extra_state = ("scales",)
 
     def _fit(self, train: FeatureSet, device, progress) -> None:
         c = self.num_classes
@@ -49,14 +49,3 @@ class LWSHead(LinearHead):
     def _effective(self):
         w = self.weight * self.scales.unsqueeze(1)
         return w, None if self.bias is None else self.bias * self.scales
-
-    def _state(self) -> dict:
-        return {"weight": self.weight, "bias": self.bias, "scales": self.scales}
-
-    def _load_state(self, state: dict) -> None:
-        c, d = self.num_classes, self.dim
-        self.weight = get_tensor(state, "weight", (c, d)).float()
-        bias = get_tensor(state, "bias", (c,), optional=True)
-        self.bias = None if bias is None else bias.float()
-        self.scales = get_tensor(state, "scales", (c,)).float()
-        self._reset_cache()

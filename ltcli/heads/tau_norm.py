@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..featureset import FeatureSet
-from .base import Opt, get_tensor
+from .base import Opt
 from .linear import LinearHead
 
 
@@ -27,20 +27,9 @@ class TauNormHead(LinearHead):
     needs_classifier = True
 
     def _fit(self, train: FeatureSet, device, progress) -> None:
-        self.weight = train.weight.detach().to("cpu", torch.float32).clone()
-        self.bias = None if train.bias is None else train.bias.detach().to("cpu", torch.float32).clone()
+        self._copy_stage1(train)
         self._reset_cache()
 
     def _effective(self):
         w = tau_normalise(self.weight, self.options["tau"])
         return w, (self.bias if self.options["keep_bias"] else None)
-
-    def _state(self) -> dict:
-        return {"weight": self.weight, "bias": self.bias}
-
-    def _load_state(self, state: dict) -> None:
-        c, d = self.num_classes, self.dim
-        self.weight = get_tensor(state, "weight", (c, d)).float()
-        bias = get_tensor(state, "bias", (c,), optional=True)
-        self.bias = None if bias is None else bias.float()
-        self._reset_cache()
