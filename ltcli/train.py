@@ -274,7 +274,10 @@ def load_backbone(path, expected_kind: str = "ltcli-backbone") -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, path) -> torch.nn.Module:
-    model = build_model(ckpt["arch"], int(ckpt["num_classes"]))
+    try:
+        model = build_model(ckpt["arch"], int(ckpt["num_classes"]))
+    except LtcliError as exc:  # the culprit is the checkpoint, not an --arch the user typed
+        raise LtcliError(f"{path}: cannot rebuild the checkpoint's network ({exc})") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -288,6 +291,8 @@ def model_from_checkpoint(ckpt: dict, path) -> torch.nn.Module:
 
 def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
     """Refuse to clobber another run; on --resume, insist on the same configuration."""
+    if run.root.exists() and not run.root.is_dir():
+        raise LtcliError(f"--run {run.root}: exists and is not a directory")
     if resume:
         if not run.last_checkpoint.exists():
             raise LtcliError(f"--resume: {run.last_checkpoint} not found (nothing to resume)")
@@ -320,10 +325,18 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         raise LtcliError(f"--epochs {cfg.epochs}: must be at least 1")
     if cfg.batch_size < 1:
         raise LtcliError(f"--batch-size {cfg.batch_size}: must be at least 1")
-    if cfg.lr <= 0:
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise LtcliError(f"--lr {cfg.lr}: must be positive")
     if cfg.warmup_epochs < 0:
         raise LtcliError(f"--warmup-epochs {cfg.warmup_epochs}: must be >= 0")
+    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
+        raise LtcliError(f"--momentum {cfg.momentum}: must be in [0, 1)")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise LtcliError(f"--weight-decay {cfg.weight_decay}: must be a finite number >= 0")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise LtcliError(f"--image-size {cfg.image_size}: must be at least 8")
+    if cfg.workers < 0:
+        raise LtcliError(f"--workers {cfg.workers}: must be >= 0")
     strategy_q(cfg.sampling, cfg.sampling_q)  # validates --sampling early
     device = resolve_device(cfg.device)
     autocast_dtype = amp_dtype(cfg.amp, device)
