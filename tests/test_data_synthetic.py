@@ -54,7 +54,7 @@ def test_options():
     assert names[0] == "class_000" and names[-1] == "class_119"
     with pytest.raises(LtcliError, match="--imbalance-factor"):
         load_dataset(DataConfig(imbalance_factor=0.9))
-    with pytest.raises(LtcliError, match="--num-classes 1"):
+    with pytest.raises(LtcliError, match="--synthetic-classes 1"):
         load_dataset(DataConfig(num_classes=1))
 
 

@@ -64,9 +64,9 @@ def _load_synthetic(cfg: DataConfig) -> Dataset:
     synthetic_val_per_class) and test are balanced and drawn independently."""
     c, size = cfg.num_classes, cfg.image_size
     if c < 2:
-        raise LtcliError(f"--num-classes {c}: synthetic data needs at least 2 classes")
+        raise LtcliError(f"--synthetic-classes {c}: synthetic data needs at least 2 classes")
     if not 8 <= size <= 256:
-        raise LtcliError(f"--image-size {size}: synthetic images must be 8..256 px")
+        raise LtcliError(f"--synthetic-size {size}: synthetic images must be 8..256 px")
     if cfg.synthetic_max_per_class < 1:
         raise LtcliError(f"synthetic max per class {cfg.synthetic_max_per_class}: must be >= 1")
     imbalance = cfg.imbalance_factor if cfg.imbalance_factor is not None else cfg.synthetic_imbalance
