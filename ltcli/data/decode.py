@@ -3,6 +3,7 @@ by JPEG decoding. File-backed splits decode in parallel DataLoader workers."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import numpy as np
@@ -104,6 +105,8 @@ def decode_split(
         return torch.empty((0, 3, size or 0, size or 0), dtype=torch.uint8), np.arange(0)
     if size is None:
         size = _first_side(split, skip_bad)
+    # more worker processes than CPUs only adds start-up cost (and a DataLoader warning on stderr)
+    workers = max(0, min(workers, _cpu_count()))
     chunk = int(np.clip(n // max(1, workers * 8), 32, 512))
     loader = torch.utils.data.DataLoader(
         _Chunks(split, size, chunk), batch_size=None, shuffle=False, num_workers=workers,
@@ -136,3 +139,10 @@ def _first_side(split: Split, skip_bad: bool) -> int:
             if not skip_bad:
                 raise
     raise LtcliError(f"split {split.name}: no readable image")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
