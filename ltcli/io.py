@@ -46,6 +46,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        _test_pause(path)
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -68,9 +69,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def _test_pause(path: Path) -> None:
+    """Test hook: LTCLI_TEST_SLOW_WRITE=SECONDS holds a finished temporary file back from its
+    rename (announced as `ltcli-test: renaming PATH` on stderr), for kill -9 tests."""
+    delay = os.environ.get("LTCLI_TEST_SLOW_WRITE")
+    if delay:
+        import sys
+        import time
+
+        sys.stderr.write(f"ltcli-test: renaming {path}\n")
+        sys.stderr.flush()
+        time.sleep(float(delay))
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # through a Python file object: a failed write (ENOSPC, EIO, ...) then raises OSError
+        # with its errno; torch.save(obj, path) reports it as an opaque RuntimeError instead
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
@@ -104,8 +121,11 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
                 "that could run code (only tensors and plain values are accepted)"
             ) from None
         raise LtcliError(f"{path}: not a valid {what} ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError,
+            TypeError, MemoryError, OverflowError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if len(first) < 12:  # e.g. a bare KeyError(157) from garbage bytes: say what it was
+            first = f"{type(exc).__name__}{': ' + first if first else ''}"
         raise LtcliError(f"{path}: not a valid {what} (corrupt or truncated: {first[:120]})") from None
 
 
