@@ -20,6 +20,8 @@ TUNED_HEADS = ["tau-norm", "logit-adjust"]
 
 def quickstart(cfg: TrainConfig, run: RunDir, *, overwrite: bool, grid: list[float], tune_metric: str,
                extract_options: dict, head_options: dict[str, dict] | None = None) -> dict:
+    if tune_metric not in ("overall", "macro", "many", "medium", "few"):
+        raise LtcliError(f"--tune-metric {tune_metric}: choose overall, macro, many, medium or few")
     if run.backbone.exists() and not overwrite:
         err_console.print(f"[bold]reusing[/bold] {run.backbone} (pass --overwrite to retrain)")
         info = run.read()

@@ -211,7 +211,7 @@ def evaluate_heads(
     for name, path in heads:
         head, prov = load_head(path)
         _check_head_matches(path, prov, fs, features_path)
-        scores = head.logits(feats)
+        scores = head.logits(feats, source=str(features_path))
         m = compute_metrics(scores, fs.labels, fs.train_counts, many=many, few=few)
         m["head_file"] = str(path)
         m["method"] = getattr(head, "method", name)
@@ -230,7 +230,10 @@ def evaluate_heads(
         if m.get("tuned_on") == "test":
             err_console.print(f"[yellow]note: {name} had τ tuned on the test split (optimistic)[/yellow]")
 
-    report_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LtcliError(f"{report_dir}: cannot create the report folder ({exc.strerror or exc})") from None
     json_path = report_dir / f"eval-{fs.split}.json"
     summary = {
         "split": fs.split, "features": str(features_path), "class_names": list(fs.class_names),
@@ -313,6 +316,8 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
     from .rundir import dataset_id as make_dataset_id, file_sha256
     from .train import init_distributed, load_backbone, model_from_checkpoint, resolve_device
 
+    if int(options.get("workers") or 0) < 0:
+        raise LtcliError(f"--workers {options['workers']}: must be >= 0")
     if out is not None and len(splits) != 1:
         raise LtcliError("--out: give exactly one --split when naming the output file")
     ckpt_path = Path(checkpoint or run.backbone)
