@@ -12,7 +12,9 @@ import fcntl
 import json
 import os
 import pickle
+import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -112,15 +114,24 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     if path.is_dir():
         raise LtcliError(f"{path}: is a directory, expected a {what} file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+        text = str(exc)
+        first = text.strip().splitlines()[0] if text.strip() else "UnpicklingError"
+        if "unsupported global" in text.lower():  # the file names Python callables/classes
             raise LtcliError(
                 f"{path}: refused to load {what}: it contains pickled Python objects "
                 "that could run code (only tensors and plain values are accepted)"
             ) from None
-        raise LtcliError(f"{path}: not a valid {what} ({first})") from None
+        if "weights_only" in text or "Weights only" in text:  # opcodes the safe unpickler refuses
+            m = re.search(r"Unsupported operand \d+", text)
+            raise LtcliError(
+                f"{path}: not a valid {what} (corrupt, truncated or not written by torch.save"
+                f"{': ' + m.group(0) if m else ''}); it was not loaded"
+            ) from None
+        raise LtcliError(f"{path}: not a valid {what} ({first[:120]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError, IndexError,
             TypeError, MemoryError, OverflowError, UnicodeDecodeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
