@@ -390,6 +390,8 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
             files.append(p)
         else:
             raise LtcliError(f"{p}: no such image or folder")
+    if not inputs:
+        raise LtcliError("-: stdin held no image paths")
     if not files:
         raise LtcliError(f"{', '.join(inputs)}: no images found")
     info = run.read()
