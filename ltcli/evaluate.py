@@ -35,7 +35,7 @@ def _to_numpy(x: Any, what: str) -> np.ndarray:
 
 def _check_thresholds(many: float, few: float) -> None:
     if few > many:
-        raise LtcliError(f"shot thresholds: few ({few}) must not exceed many ({many})")
+        raise LtcliError(f"--few {few:g} / --many {many:g}: the few-shot threshold must not exceed the many-shot one")
 
 
 def shot_groups(train_counts: Any, many: float = 100, few: float = 20) -> np.ndarray:

@@ -35,6 +35,8 @@ def parse_list_text(text: str, name: str) -> list[ListEntry]:
         label = int(parts[1])
         if label < 0:
             raise LtcliError(f"{name}:{lineno}: label {label} is negative")
+        if "\x00" in parts[0]:  # no file system accepts it; say where it is, not what open() thinks
+            raise LtcliError(f"{name}:{lineno}: path contains a NUL byte")
         entries.append(ListEntry(parts[0].strip(), label, lineno))
     return entries
 
