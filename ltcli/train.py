@@ -512,6 +512,8 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
         elapsed = time.perf_counter() - started
         bar.update(task, advance=1, rate=f"{seen * dist_info.world_size / max(elapsed, 1e-9):,.0f} img/s",
                    description=f"epoch {epoch + 1}/{cfg.epochs}")
+        if _TEST_STEP_DELAY:
+            _test_step_pause(epoch, step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
@@ -527,6 +529,19 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
         "seconds": round(elapsed, 3),
         "images_per_s": round(total_seen / max(elapsed, 1e-9), 1),
     }
+
+
+# Test hook (kill -9 tests): LTCLI_TEST_STEP_DELAY=SECONDS announces every finished step on stderr
+# as `ltcli-test: epoch=E step=S` (0-based) and pauses after it. It changes no computation.
+_TEST_STEP_DELAY = float(os.environ.get("LTCLI_TEST_STEP_DELAY", "0") or 0)
+
+
+def _test_step_pause(epoch: int, step: int) -> None:
+    import sys
+
+    sys.stderr.write(f"ltcli-test: epoch={epoch} step={step}\n")
+    sys.stderr.flush()
+    time.sleep(_TEST_STEP_DELAY)
 
 
 def _epoch_iter(sampler, epoch):
