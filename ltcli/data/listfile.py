@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..errors import LtcliError
 
 _LABEL = re.compile(r"-?[0-9]+")
+_NEWLINE = re.compile(r"\r\n|\n|\r")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,12 @@ def parse_list_text(text: str, name: str) -> list[ListEntry]:
     The path is everything before the last run of whitespace, so paths may contain spaces.
     `name` is the file name used in `name:line:` error messages."""
     entries = []
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # lines end at \n, \r\n or \r only: str.splitlines() would also break at \x0c, \x1c, \x85,
+    # U+2028 ..., which are legal in file names, and shift every line number after them
+    lines = _NEWLINE.split(text)
+    if lines and lines[-1] == "":
+        lines.pop()
+    for lineno, raw in enumerate(lines, start=1):
         line = raw.strip().lstrip("\ufeff")
         if not line:
             continue
