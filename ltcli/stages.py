@@ -421,8 +421,9 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
                         im = im.resize((size, size)) if im.size != (size, size) else im
                         arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
                         tensors.append(arr.view(size, size, 3).permute(2, 0, 1))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise LtcliError(f"{f}: cannot read image ({exc.__class__.__name__})") from None
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+                reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+                raise LtcliError(f"{f}: cannot read image ({reason})") from None
         x = torch.stack(tensors).to(device)
         x = normalize_batch(x) if tf is None else x
         with torch.no_grad():

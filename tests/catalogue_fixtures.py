@@ -42,6 +42,17 @@ def _jpeg_bytes(size: int = 32) -> bytes:
     return buf.getvalue()
 
 
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels (a decompression bomb) but holds no pixel data."""
+    import struct
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 def _write(path: Path, data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
@@ -88,6 +99,7 @@ def build(base: Path, run: Path) -> dict[str, str]:
     fx["list_escape"] = _write(lists / "escape.txt", "a/0.png 0\n../outside.png 1\n")
     fx["list_abs"] = _write(lists / "abs.txt", f"a/0.png 0\n{base / 'outside.png'} 1\n")
     fx["list_gap"] = _write(lists / "gap.txt", "a/0.png 0\nb/0.png 2\n")
+    fx["list_hugelabel"] = _write(lists / "huge-label.txt", "a/0.png 0\nb/0.png 1000000000000\n")
     fx["list_missing_img"] = _write(lists / "missing-img.txt", "a/0.png 0\nb/nope.png 1\n")
     fx["list_nul"] = _write(lists / "nul.txt", "a/0.png 0\nb/0\x00.png 1\n")
     fx["list_test_label"] = _write(lists / "test-label.txt", "a/2.png 0\nb/2.png 7\n")
@@ -124,6 +136,8 @@ def build(base: Path, run: Path) -> dict[str, str]:
     fx["if_noimages"] = folder("if-noimages", {"train/a/0.png": None, "train/b/readme.txt": b"no images here"})
     fx["if_flat"] = folder("if-flat", {"train/0.png": None})
     fx["corrupt_jpg"] = _write(base / "corrupt.jpg", b"\xff\xd8\xff\xe0 not a jpeg")
+    fx["bomb_png"] = _write(base / "bomb.png", _png_header(40000, 40000))
+    fx["if_bomb"] = folder("if-bomb", {"train/a/0.png": None, "train/b/0.png": _png_header(40000, 40000)})
     fx["truncated_jpg"] = _write(base / "truncated.jpg", jpeg[: len(jpeg) // 2])
 
     # --- iNaturalist

@@ -146,7 +146,7 @@ def test_selection_option_errors(tmp_path):
     with pytest.raises(LtcliError, match=r"^--val-per-class 2: class 'small' has only 2 train images"):
         load(f"imagefolder:{root}", val_per_class=2)
     for bad in (0.5, 0, -3, float("nan")):
-        with pytest.raises(LtcliError, match=r"^--imbalance-factor .*must be a number >= 1"):
+        with pytest.raises(LtcliError, match=r"^--imbalance-factor .*must be a finite number >= 1"):
             load(f"imagefolder:{root}", imbalance_factor=bad)
     with pytest.raises(LtcliError, match=r"^--val-per-class -1"):
         load(f"imagefolder:{root}", val_per_class=-1)

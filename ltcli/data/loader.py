@@ -16,8 +16,8 @@ from .types import DataConfig, Dataset, Split
 
 def _check_config(cfg: DataConfig) -> None:
     f = cfg.imbalance_factor
-    if f is not None and (not isinstance(f, (int, float)) or math.isnan(f) or f < 1):
-        raise LtcliError(f"--imbalance-factor {f}: must be a number >= 1")
+    if f is not None and (not isinstance(f, (int, float)) or not math.isfinite(f) or f < 1):
+        raise LtcliError(f"--imbalance-factor {f}: must be a finite number >= 1")
     if cfg.val_per_class < 0:
         raise LtcliError(f"--val-per-class {cfg.val_per_class}: must be >= 0")
 

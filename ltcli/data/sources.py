@@ -127,7 +127,13 @@ def load_list(ds: DataSpec, spec: str, allow_outside_root: bool) -> Source:
     class_names = _read_class_names(root)
     train_file, train_entries, _ = parsed["train"]
     if class_names is None:
-        num_classes = 1 + max(e.label for e in train_entries)
+        # every class needs a train image: find the first label with none before building C names
+        # (C = 1 + the largest label; one stray huge label must not allocate a name per class)
+        present = sorted({e.label for e in train_entries})
+        gap = next((j for j, label in enumerate(present) if label != j), None)
+        if gap is not None:
+            raise LtcliError(f"{train_file}: class {gap} ('class_{gap}') has no train images")
+        num_classes = len(present)
         class_names = [f"class_{i}" for i in range(num_classes)]
         range_note = f"the train list's labels run 0..{num_classes - 1}"
     else:
