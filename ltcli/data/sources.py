@@ -48,7 +48,17 @@ def _is_image(name: str) -> bool:
 def _list_images(folder: Path) -> list[str]:
     """Image files under `folder` (recursively), as sorted posix paths relative to it."""
     found = []
+    seen: set[tuple[int, int]] = set()   # (device, inode) of every folder listed: cuts symlink loops
     for dirpath, dirnames, filenames in os.walk(folder, onerror=None, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = os.path.relpath(dirpath, folder)
         for name in filenames:
