@@ -70,6 +70,9 @@ class RunDir:
             raise LtcliError(f"{self.run_json}: not valid JSON ({exc})") from None
         if not isinstance(info, dict) or "class_names" not in info:
             raise LtcliError(f"{self.run_json}: not an ltcli run file (no class_names)")
+        problem = _info_problem(info)
+        if problem:
+            raise LtcliError(f"{self.run_json}: not a valid ltcli run file ({problem})")
         return info
 
     def write(self, info: dict[str, Any]) -> None:
@@ -84,6 +87,31 @@ class RunDir:
     def has_other_files(self) -> bool:
         markers = [self.run_json, self.backbone, self.last_checkpoint, self.metrics]
         return any(p.exists() for p in markers)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _info_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with a run.json's fields (the ones train-backbone always writes), or None."""
+    names = info.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return "class_names is not a non-empty list of names"
+    counts = info.get("train_counts")
+    if not isinstance(counts, list) or len(counts) != len(names) or not all(_is_int(c) and c >= 0 for c in counts):
+        return f"train_counts is not a list of {len(names)} counts"
+    data = info.get("data")
+    if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
+        return "data is not an object with a spec"
+    if not isinstance(info.get("dataset_id"), str):
+        return "dataset_id missing"
+    for key in ("splits", "fingerprints", "train_config"):
+        if key in info and not isinstance(info[key], dict):
+            return f"{key} is not an object"
+    if info.get("image_size") is not None and not (_is_int(info["image_size"]) and info["image_size"] > 0):
+        return "image_size is not a positive integer"
+    return None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -270,6 +270,15 @@ def load_backbone(path, expected_kind: str = "ltcli-backbone") -> dict:
     for key in ("arch", "num_classes", "feature_dim"):
         if key not in ckpt:
             raise LtcliError(f"{path}: checkpoint lacks '{key}'")
+    if not isinstance(ckpt["arch"], str) or not ckpt["arch"]:
+        raise LtcliError(f"{path}: checkpoint 'arch' is not a name ({ckpt['arch']!r})")
+    for key in ("num_classes", "feature_dim"):
+        if isinstance(ckpt[key], bool) or not isinstance(ckpt[key], int) or ckpt[key] < 1:
+            raise LtcliError(f"{path}: checkpoint '{key}' is not a positive integer ({ckpt[key]!r})")
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        raise LtcliError(f"{path}: checkpoint 'model' is not a state dict of named tensors")
     return ckpt
 
 
@@ -401,10 +410,22 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
     )
     start_epoch = 0
     if resume:
-        ckpt = load_backbone(run.last_checkpoint)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch = int(ckpt["epoch"]) + 1
+        last = run.last_checkpoint
+        ckpt = load_backbone(last)
+        epoch = ckpt.get("epoch")
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise LtcliError(f"{last}: checkpoint 'epoch' is missing or not an epoch number ({epoch!r})")
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as exc:
+            raise LtcliError(f"{last}: weights do not fit this run's {cfg.arch} "
+                             f"({str(exc).strip().splitlines()[0][:160]})") from None
+        try:
+            optimizer.load_state_dict(ckpt.get("optimizer"))
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as exc:
+            raise LtcliError(f"{last}: optimizer state missing or does not fit this run "
+                             f"({str(exc).strip().splitlines()[0][:160] or type(exc).__name__})") from None
+        start_epoch = epoch + 1
     train_model = model
     if dist_info.enabled:
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -193,6 +193,10 @@ def build(base: Path, run: Path) -> dict[str, str]:
     torch.save({**ckpt, "arch": "no-such-net"}, fx["unknown_arch_ckpt"])
     fx["tensor_pt"] = base / "tensor.pt"
     torch.save(torch.zeros(3), fx["tensor_pt"])
+    fx["model_list_ckpt"] = base / "model-list.pt"
+    torch.save({**ckpt, "model": [1, 2]}, fx["model_list_ckpt"])
+    fx["classes_str_ckpt"] = base / "classes-str.pt"
+    torch.save({**ckpt, "num_classes": "five"}, fx["classes_str_ckpt"])
     fx["nokind_ckpt"] = base / "nokind.pt"
     torch.save({k: v for k, v in ckpt.items() if k != "kind"}, fx["nokind_ckpt"])
 
@@ -239,6 +243,15 @@ def build(base: Path, run: Path) -> dict[str, str]:
         else:
             (dst / "backbone-last.pt").write_bytes(payload)
         fx[name] = dst
+    fx["run_bad_optimizer"] = base / "run-bad-optimizer"
+    shutil.copytree(run, fx["run_bad_optimizer"], ignore=shutil.ignore_patterns("features", "heads", "reports", "*.lock"))
+    last = torch.load(fx["run_bad_optimizer"] / "backbone-last.pt", weights_only=True)
+    torch.save({**last, "optimizer": None}, fx["run_bad_optimizer"] / "backbone-last.pt")
+    fx["run_nocounts"] = base / "run-nocounts"
+    shutil.copytree(run, fx["run_nocounts"], ignore=shutil.ignore_patterns("features", "heads", "reports", "*.lock"))
+    info = json.loads((run / "run.json").read_text())
+    info.pop("train_counts")
+    (fx["run_nocounts"] / "run.json").write_text(json.dumps(info))
     fx["run_no_last"] = base / "run-no-last"
     shutil.copytree(run, fx["run_no_last"], ignore=shutil.ignore_patterns("backbone-last.pt", "*.lock"))
     fx["run_nobackbone"] = base / "run-nobackbone"
