@@ -210,14 +210,17 @@ def _attrs_of(f, path: Path) -> dict[str, Any]:
     attrs["class_names"] = names
     counts = attrs["train_class_counts"]
     counts = [counts] if not isinstance(counts, list) else counts
-    attrs["train_class_counts"] = [int(c) for c in counts]
+    try:
+        attrs["train_class_counts"] = [int(c) for c in counts]
+        attrs["views"] = int(attrs["views"])
+    except (TypeError, ValueError):
+        raise LtcliError(f"{path}: corrupt features file (train_class_counts or views are not integers)") from None
     if len(attrs["train_class_counts"]) != len(names):
         raise LtcliError(
             f"{path}: corrupt features file ({len(names)} class names but "
             f"{len(attrs['train_class_counts'])} train counts)"
         )
     attrs["complete"] = bool(attrs["complete"])
-    attrs["views"] = int(attrs["views"])
     return attrs
 
 
@@ -226,6 +229,10 @@ def _datasets_of(f, path: Path, attrs: Mapping[str, Any]):
         if name not in f or not hasattr(f[name], "shape"):
             raise LtcliError(f"{path}: not an ltcli features file (missing dataset /{name})")
     feats, labels, index = f["features"], f["labels"], f["index"]
+    for name, ds, kinds, what in (("features", feats, "fiu", "numbers"), ("labels", labels, "iu", "integers"),
+                                  ("index", index, "iu", "integers")):
+        if ds.dtype.kind not in kinds:
+            raise LtcliError(f"{path}: corrupt features file (/{name} holds {ds.dtype}, expected {what})")
     n = feats.shape[0] if feats.ndim else -1
     views = attrs["views"]
     want_ndim = 2 if views == 1 else 3

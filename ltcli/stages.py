@@ -205,6 +205,8 @@ def evaluate_heads(
 ) -> dict:
     """Evaluate every head on one split; write the JSON report, per-class CSV and plots."""
     fs = read_features(features_path, mmap=True)
+    if len(fs.labels) == 0:
+        raise LtcliError(f"{features_path}: holds no samples to evaluate")
     feats = fs.features  # heads average stored views themselves
     results: dict[str, dict] = {}
     norms: dict[str, Any] = {}
