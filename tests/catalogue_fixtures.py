@@ -173,6 +173,18 @@ def build(base: Path, run: Path) -> dict[str, str]:
         del f["labels"]
     fx["shard_h5"] = _h5_copy(feats / "train.h5", base / "shard.h5", shard_rank=np.int64(0),
                               shard_world=np.int64(2))
+    fx["views_str_h5"] = _h5_copy(feats / "train.h5", base / "views-str.h5", views="two")
+    fx["strings_h5"] = _h5_copy(feats / "train.h5", base / "strings.h5")
+    with h5py.File(fx["strings_h5"], "r+") as f:
+        n = f["features"].shape[0]
+        del f["features"]
+        f.create_dataset("features", data=np.array([b"x"] * n).reshape(n, 1))
+    fx["empty_test_h5"] = _h5_copy(feats / "test.h5", base / "empty-test.h5")
+    with h5py.File(fx["empty_test_h5"], "r+") as f:
+        for k in ("features", "labels", "index"):
+            shape, dtype = (0,) + f[k].shape[1:], f[k].dtype
+            del f[k]
+            f.create_dataset(k, shape=shape, dtype=dtype)
     fx["nan_h5"] = _h5_copy(feats / "train.h5", base / "nan.h5")
     with h5py.File(fx["nan_h5"], "r+") as f:
         f["features"][3, 0] = np.nan

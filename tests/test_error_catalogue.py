@@ -52,7 +52,9 @@ class Row:
 
 
 def _cells(line: str) -> list[str]:
-    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+    """A table row's cells; `\\|` is a literal pipe inside a cell (GitHub markdown's escape)."""
+    cells = re.split(r"(?<!\\)\|", line.strip()[1:-1])
+    return [c.strip().replace("\\|", "|") for c in cells]
 
 
 def _unquote(cell: str) -> str:
@@ -120,10 +122,10 @@ def test_catalogue_is_well_formed():
 
 
 def test_parser_reads_cells_and_stdin():
-    text = "## Catalogue\n| # | a | b | c | d | e |\n|---|\n| 1 | option | x | `info {f} < {g}` | `{f}: bad` | 2 |\n"
+    text = "## Catalogue\n| # | a | b | c | d | e |\n|---|\n| 1 | option | x | `info {f} < {g}` | `{f}: bad \\|x` | 2 |\n"
     (row,) = parse_catalogue(text)
     assert row.argv({"f": "/a b", "g": "/in"}) == (["info", "/a b"], "/in")
-    assert row.fill(row.message, {"f": "/a b"}) == "/a b: bad"
+    assert row.fill(row.message, {"f": "/a b"}) == "/a b: bad |x"
 
 
 # --- every row, in process ---------------------------------------------------------------------------
