@@ -228,6 +228,8 @@ def build(base: Path, run: Path) -> dict[str, str]:
     fx["head_other_backbone"] = base / "other-backbone-head.pt"
     torch.save({**head, "provenance": {**head["provenance"], "backbone_sha256": "e" * 64}},
                fx["head_other_backbone"])
+    fx["head_bad_provenance"] = base / "bad-provenance-head.pt"
+    torch.save({**head, "provenance": {**head["provenance"], "backbone_sha256": 5}}, fx["head_bad_provenance"])
     fx["head_list"] = base / "list-head.pt"
     torch.save([1, 2, 3], fx["head_list"])
     hraw = (run / "heads" / "crt.pt").read_bytes()

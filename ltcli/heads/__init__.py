@@ -85,6 +85,27 @@ def save_head(head: Head, path: str | os.PathLike, provenance: dict) -> None:
     atomic_torch_save(payload, path)
 
 
+# provenance fields the stages compare or print, and the types they must have when present
+_PROVENANCE_TYPES: dict[str, tuple[type, ...]] = {
+    "backbone_sha256": (str,), "dataset_id": (str,), "features": (str,), "method": (str,),
+    "tuned_on": (str,), "tuned_file": (str,), "metric": (str,), "feature_dim": (int,),
+    "num_classes": (int,), "class_names": (list,), "options": (dict,), "grid": (list,), "sweep": (list,),
+}
+
+
+def _check_provenance(path, prov: dict) -> None:
+    for key, types in _PROVENANCE_TYPES.items():
+        value = prov.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (int in types and isinstance(value, bool)):
+            raise LtcliError(f"{path}: head provenance '{key}' is a {type(value).__name__}, "
+                             f"expected {' or '.join(t.__name__ for t in types)}")
+    names = prov.get("class_names")
+    if names is not None and not all(isinstance(n, str) for n in names):
+        raise LtcliError(f"{path}: head provenance 'class_names' is not a list of names")
+
+
 def load_head(path: str | os.PathLike) -> tuple[Head, dict]:
     """(head, provenance); LtcliError naming the file on anything unexpected in it."""
     payload = safe_torch_load(path, what="head")
@@ -101,6 +122,7 @@ def load_head(path: str | os.PathLike) -> tuple[Head, dict]:
         raise LtcliError(f"{path}: unknown head method {method!r} (known: {', '.join(HEADS)})")
     if not isinstance(payload["provenance"], dict):
         raise LtcliError(f"{path}: head provenance is not a dict")
+    _check_provenance(path, payload["provenance"])
     try:
         head = HEADS[method].from_state(payload["state"])
     except LtcliError as exc:
