@@ -34,6 +34,9 @@ def _to_numpy(x: Any, what: str) -> np.ndarray:
 
 
 def _check_thresholds(many: float, few: float) -> None:
+    for flag, value in (("--many", many), ("--few", few)):
+        if not (math.isfinite(value) and value >= 0):
+            raise LtcliError(f"{flag} {value:g}: must be a finite number >= 0")
     if few > many:
         raise LtcliError(f"--few {few:g} / --many {many:g}: the few-shot threshold must not exceed the many-shot one")
 

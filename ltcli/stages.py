@@ -57,6 +57,8 @@ def head_options(method: str, given: dict) -> dict:
     for key in ("lr",):
         if key in given and not given[key] > 0:
             raise LtcliError(f"--lr {given[key]}: must be positive")
+    if "seed" in given and not 0 <= given["seed"] < 2**63:
+        raise LtcliError(f"--seed {given['seed']}: must be between 0 and 2**63 - 1")
     if "tau" in given and not (math.isfinite(given["tau"]) and given["tau"] >= 0):
         raise LtcliError(f"--tau {given['tau']}: must be a finite number >= 0")
     return dict(given)
@@ -90,9 +92,20 @@ def fit_head(features_path: Path, method: str, out_path: Path, options: dict, ru
         )
     head = build_head(method, **options)
     head.fit(fs)
+    _check_fitted_finite(head, method, options, features_path)
     save_head(head, out_path, _provenance(fs, features_path, {"method": method, "options": options}))
     _log(run, {"event": "fit-head", "method": method, "head": str(out_path), "options": options})
     return out_path
+
+
+def _check_fitted_finite(head, method: str, options: dict, features_path: Path) -> None:
+    """A diverged fit (e.g. a huge --lr) must not be saved as a head that no stage can load."""
+    for key, value in head.state().items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if method in ("crt", "lws"):
+                raise LtcliError(f"--lr {options.get('lr', 'default')}: {method} training diverged ('{key}' became "
+                                 "NaN or inf); use a smaller --lr")
+            raise LtcliError(f"{features_path}: fitting {method} gave NaN or inf in '{key}'")
 
 
 def tune_tau(
@@ -318,6 +331,8 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
     from .rundir import dataset_id as make_dataset_id, file_sha256
     from .train import init_distributed, load_backbone, model_from_checkpoint, resolve_device
 
+    if not 0 <= int(options.get("seed") or 0) < 2**63:
+        raise LtcliError(f"--seed {options['seed']}: must be between 0 and 2**63 - 1")
     if int(options.get("workers") or 0) < 0:
         raise LtcliError(f"--workers {options['workers']}: must be >= 0")
     if out is not None and len(splits) != 1:

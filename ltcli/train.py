@@ -346,6 +346,8 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         raise LtcliError(f"--image-size {cfg.image_size}: must be at least 8")
     if cfg.workers < 0:
         raise LtcliError(f"--workers {cfg.workers}: must be >= 0")
+    if not 0 <= cfg.seed < 2**63:
+        raise LtcliError(f"--seed {cfg.seed}: must be between 0 and 2**63 - 1")
     strategy_q(cfg.sampling, cfg.sampling_q)  # validates --sampling early
     device = resolve_device(cfg.device)
     autocast_dtype = amp_dtype(cfg.amp, device)
@@ -455,6 +457,9 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
                 train_model, optimizer, images, sampler, epoch, cfg, per_rank_batch, steps_per_epoch,
                 device, autocast_dtype, bar, task, dist_info,
             )
+            if not math.isfinite(metrics["train_loss"]):
+                raise LtcliError(f"--lr {cfg.lr}: training diverged in epoch {epoch + 1} (the loss became NaN "
+                                 "or inf); use a smaller --lr (the last good checkpoint is kept)")
             record = {"event": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, **metrics}
             if dist_info.is_main:
                 if val_name is not None:

@@ -31,6 +31,7 @@ class LWSHead(LinearHead):
 
         buf = torch.zeros_like(s)
         wd, mom, bs = self.options["weight_decay"], self.options["momentum"], self.options["batch_size"]
+        bs = min(bs, len(train.labels))  # a batch never holds more rows than there are
         neg_ones, ones = minus_ones(bs, device), torch.ones(bs, device=device)
 
         def step(x: torch.Tensor, y: torch.Tensor, neg_lr: torch.Tensor) -> None:
