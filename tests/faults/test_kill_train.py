@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, copy_run, read_jsonl, run_ltcli
+from conftest import TINY_TRAIN, read_jsonl, run_ltcli
 from faultlib import Job, assert_same_weights, temp_files
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def test_kill_at_a_random_step_then_resume_gives_the_same_weights(tiny_run, tmp_
     """The shared tiny run (2 epochs, uninterrupted) is the reference; this run is killed at a
     random step of epoch 2, after epoch 1's checkpoint, and resumed from that checkpoint."""
     run = tmp_path / "run"
-    step = random.Random().randrange(3)   # the tiny run has 6 steps an epoch
+    step = random.Random().randrange(6)   # the tiny run has 6 steps an epoch (728 images, batch 128)
     _train_until(run, rf"ltcli-test: epoch=1 step={step}\b", LTCLI_TEST_STEP_DELAY="0.2")
     assert not (run / "backbone.pt").exists()        # the job did not finish
     before = [e for e in read_jsonl(run / "metrics.jsonl") if e["event"] == "epoch"]
