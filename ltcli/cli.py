@@ -364,7 +364,7 @@ def quickstart_cmd(
     imbalance_factor: Optional[float] = typer.Option(None, "--imbalance-factor", help="Long-tail profile for real data (IF >= 1)."),
     val_per_class: int = typer.Option(0, "--val-per-class", help="Balanced val hold-out per class (to tune τ on)."),
     arch: str = typer.Option("resnet8", "--arch", help="Backbone (resnet8 is sized for the CPU quick start)."),
-    epochs: int = typer.Option(25, "--epochs", help="Stage-1 epochs (25 shows the decoupling effect on the synthetic default in ~3 CPU minutes)."),
+    epochs: int = typer.Option(25, "--epochs", help="Stage-1 epochs (25 shows the decoupling effect on the synthetic default in well under a CPU minute)."),
     batch_size: int = typer.Option(128, "--batch-size"),
     lr: float = typer.Option(0.1, "--lr"),
     weight_decay: float = typer.Option(5e-4, "--weight-decay"),
