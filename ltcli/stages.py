@@ -264,7 +264,7 @@ def evaluate_heads(
         from .plots import plot_per_class_accuracy, plot_weight_norms
 
         png = report_dir / f"per-class-{fs.split}.png"
-        plot_per_class_accuracy(results, fs.train_counts.numpy(), png)
+        plot_per_class_accuracy(results, fs.train_counts.numpy(), png, many=many, few=few)
         written.append(png)
         if norms:
             png2 = report_dir / "weight-norms.png"
