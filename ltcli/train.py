@@ -321,10 +321,14 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, overwrite: bool)
             f"--run {run.root}: already holds a run (run.json / checkpoints); "
             "pass --resume to continue it, --overwrite to replace it, or choose another --run"
         )
-    if overwrite:
-        for p in (run.run_json, run.backbone, run.last_checkpoint, run.metrics):
-            p.unlink(missing_ok=True)
     return None
+
+
+def _replace_old_run(run: RunDir) -> None:
+    """--overwrite: the old run's files go only once the new run is ready to start, so a
+    new run that fails on its data or options leaves the old one intact."""
+    for p in (run.backbone, run.last_checkpoint, run.metrics):
+        p.unlink(missing_ok=True)
 
 
 def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overwrite: bool = False,
@@ -440,6 +444,8 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
     if dist_info.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         if not resume:
+            if overwrite:
+                _replace_old_run(run)
             run.write(info)
         run.log_event({"event": "train-start", "resume_from_epoch": start_epoch, "device": str(device),
                        "world_size": dist_info.world_size, "num_train": num_train})
