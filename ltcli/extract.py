@@ -35,7 +35,7 @@ import torch
 from .console import err_console, progress_bar
 from .device import amp_dtype
 from .errors import LtcliError
-from .features import FeatureWriter, _open_h5, shard_path
+from .features import FeatureWriter, _open_h5, check_cache_options, shard_path
 
 SMALL_IMAGE_MAX = 64
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -495,12 +495,7 @@ class Extraction:
     ) -> None:
         self.out = Path(out_path)
         self.device = device = torch.device(device)
-        if dtype not in TORCH_DTYPES:
-            raise LtcliError(f"--dtype {dtype}: must be float16 or float32")
-        if views < 1:
-            raise LtcliError(f"--views {views}: must be at least 1")
-        if batch_size < 1:
-            raise LtcliError(f"--batch-size {batch_size}: must be at least 1")
+        check_cache_options(dtype, views, batch_size)
         if gpu_decode and views > 1:
             raise LtcliError("--gpu-decode: only with --views 1 (augmented views are made on the CPU)")
         if gpu_decode and device.type != "cuda" and progress:

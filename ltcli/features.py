@@ -34,7 +34,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -397,6 +397,25 @@ def _describe(item) -> tuple[str, dict[str, Any], int | None]:
     return name, attrs, int(item.features.shape[-1])
 
 
+def check_same_source(name_a: str, attrs_a: Mapping[str, Any], name_b: str, attrs_b: Mapping[str, Any]) -> None:
+    """Refuse two things (feature files, heads) made by different backbones or from different
+    data: compares backbone_sha256 and dataset_id where both sides record them."""
+    for key, what in (("backbone_sha256", "backbones"), ("dataset_id", "datasets")):
+        va, vb = attrs_a.get(key), attrs_b.get(key)
+        if va is not None and vb is not None and va != vb:
+            raise LtcliError(f"{name_a} and {name_b} come from different {what} ({key} {_short(va)} vs {_short(vb)})")
+
+
+def check_cache_options(dtype: str, views: int, batch_size: int) -> None:
+    """The options of a feature cache, checked before any image is decoded."""
+    if dtype not in DTYPES:
+        raise LtcliError(f"--dtype {dtype}: must be float16 or float32")
+    if views < 1:
+        raise LtcliError(f"--views {views}: must be at least 1")
+    if batch_size < 1:
+        raise LtcliError(f"--batch-size {batch_size}: must be at least 1")
+
+
 def check_compatible(*sets_or_paths) -> None:
     """Refuse feature sets that do not come from the same backbone and the same data.
 
@@ -407,12 +426,7 @@ def check_compatible(*sets_or_paths) -> None:
         return
     name0, a0, d0 = described[0]
     for name, a, d in described[1:]:
-        for key, what in (("backbone_sha256", "backbones"), ("dataset_id", "datasets")):
-            v0, v = a0.get(key), a.get(key)
-            if v0 is not None and v is not None and v0 != v:
-                raise LtcliError(
-                    f"{name0} and {name} come from different {what} ({key} {_short(v0)} vs {_short(v)})"
-                )
+        check_same_source(name0, a0, name, a)
         if list(a0.get("class_names", [])) != list(a.get("class_names", [])):
             raise LtcliError(
                 f"{name0} and {name} come from different datasets (class_names "
@@ -474,12 +488,7 @@ class FeatureWriter:
         quiet: bool = False,
         lock: bool = True,
     ) -> None:
-        if dtype not in DTYPES:
-            raise LtcliError(f"--dtype {dtype}: must be float16 or float32")
-        if views < 1:
-            raise LtcliError(f"--views {views}: must be at least 1")
-        if batch_size < 1:
-            raise LtcliError(f"--batch-size {batch_size}: must be at least 1")
+        check_cache_options(dtype, views, batch_size)
         self.path = Path(path)
         self.rows = int(rows)
         self.dim = int(dim)

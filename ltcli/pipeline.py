@@ -6,12 +6,10 @@ tune τ on val -> eval on test -> the comparison table.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .console import err_console
 from .errors import LtcliError
 from .rundir import RunDir
-from .stages import evaluate_heads, extract_splits, fit_head, tune_tau
+from .stages import discover_heads, evaluate_heads, extract_splits, fit_head, tune_tau
 from .train import TrainConfig, train_backbone
 
 FITTED_HEADS = ["joint", "ncm", "crt", "lws", "knn"]
@@ -45,15 +43,9 @@ def quickstart(cfg: TrainConfig, run: RunDir, *, overwrite: bool, grid: list[flo
                  run.head(method), run.reports, plot=True, allow_test=tune_split == "test",
                  many=100, few=20, run=run)
     err_console.rule("evaluation on test")
-    result = evaluate_heads(run.features("test"), _heads(run), run.reports, 100, 20, plot=True, run=run)
+    result = evaluate_heads(run.features("test"), discover_heads(run, None), run.reports, 100, 20, plot=True, run=run)
     _print_gains(result["results"])
     return result
-
-
-def _heads(run: RunDir) -> list[tuple[str, Path]]:
-    from .stages import discover_heads
-
-    return discover_heads(run, None)
 
 
 def _print_gains(results: dict) -> None:

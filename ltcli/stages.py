@@ -6,7 +6,6 @@ Paths come either from a run directory or from explicit overrides.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,9 +13,9 @@ from typing import Any, Sequence
 import torch
 
 from .console import err_console
-from .errors import LtcliError
+from .errors import LtcliError, check_seed
 from .evaluate import compute_metrics, metrics_table, write_per_class_csv
-from .features import check_compatible, read_features
+from .features import check_compatible, check_same_source, read_features
 from .heads import build_head, load_head, save_head
 from .io import atomic_write_json
 from .rundir import RunDir
@@ -57,8 +56,8 @@ def head_options(method: str, given: dict) -> dict:
     for key in ("lr",):
         if key in given and not given[key] > 0:
             raise LtcliError(f"--lr {given[key]}: must be positive")
-    if "seed" in given and not 0 <= given["seed"] < 2**63:
-        raise LtcliError(f"--seed {given['seed']}: must be between 0 and 2**63 - 1")
+    if "seed" in given:
+        check_seed(given["seed"])
     if "tau" in given and not (math.isfinite(given["tau"]) and given["tau"] >= 0):
         raise LtcliError(f"--tau {given['tau']}: must be a finite number >= 0")
     return dict(given)
@@ -278,33 +277,13 @@ def evaluate_heads(
 
 def _check_head_matches(head_path: Path, prov: dict, fs, features_path: Path) -> None:
     """A head only applies to features from the backbone and classes it was fitted on."""
-    want = prov.get("backbone_sha256")
-    have = fs.attrs.get("backbone_sha256")
-    if want and have and want != have:
-        raise LtcliError(
-            f"{head_path} and {features_path} come from different backbones "
-            f"(backbone_sha256 {want[:12]}… vs {have[:12]}…)"
-        )
-    want_data, have_data = prov.get("dataset_id"), fs.attrs.get("dataset_id")
-    if want_data and have_data and want_data != have_data:
-        raise LtcliError(
-            f"{head_path} and {features_path} come from different datasets "
-            f"(dataset_id {want_data[:12]}… vs {have_data[:12]}…)"
-        )
+    check_same_source(str(head_path), prov, str(features_path), fs.attrs)
     if prov.get("feature_dim") not in (None, fs.dim):
         raise LtcliError(f"{head_path}: head expects D={prov['feature_dim']}, {features_path} has D={fs.dim}")
     if prov.get("num_classes") not in (None, fs.num_classes):
         raise LtcliError(
             f"{head_path}: head has {prov['num_classes']} classes, {features_path} has {fs.num_classes}"
         )
-
-
-def fmt_pct(v) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
-def summary_json(result: dict) -> str:
-    return json.dumps(result, default=str)
 
 
 # --- extract: the backbone runs once per split -------------------------------------------------
@@ -329,10 +308,9 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
     from .data import load_dataset
     from .extract import extract_split
     from .rundir import dataset_id as make_dataset_id, file_sha256
-    from .train import init_distributed, load_backbone, model_from_checkpoint, resolve_device
+    from .train import SMALL_IMAGE_MAX, init_distributed, load_backbone, model_from_checkpoint, resolve_device
 
-    if not 0 <= int(options.get("seed") or 0) < 2**63:
-        raise LtcliError(f"--seed {options['seed']}: must be between 0 and 2**63 - 1")
+    check_seed(options.get("seed") or 0)
     if int(options.get("workers") or 0) < 0:
         raise LtcliError(f"--workers {options['workers']}: must be >= 0")
     if out is not None and len(splits) != 1:
@@ -361,13 +339,11 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
     else:  # another dataset with the same classes: its files must not mix with the run's
         data_id = make_dataset_id(data or "", info["class_names"], info["train_counts"], train_fp or "")
     sha = file_sha256(ckpt_path)
-    from .train import SMALL_IMAGE_MAX
-
+    model = model_from_checkpoint(ckpt, ckpt_path)  # one model serves every split
     train_size = info.get("image_size") or (info.get("train_config") or {}).get("image_size")
     written = []
     for name in splits:
         split = dataset.split(name)
-        model = model_from_checkpoint(ckpt, ckpt_path)
         path = Path(out or run.features(name))
         extract_split(
             model, split, path, backbone_sha256=sha, class_names=info["class_names"],
@@ -391,9 +367,9 @@ def extract_splits(run: RunDir, splits: Sequence[str], *, checkpoint: Path | Non
 def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, checkpoint: Path | None,
                    top_k: int, device_name: str, batch_size: int = 256) -> list[dict]:
     """Top-k labels and scores for image files (or every image under given folders)."""
-    from PIL import Image, UnidentifiedImageError
+    import numpy as np
 
-    from .data import IMAGE_EXTENSIONS
+    from .data import IMAGE_EXTENSIONS, Split, decode_split
     from .rundir import file_sha256
     from .train import SMALL_IMAGE_MAX, load_backbone, model_from_checkpoint, resolve_device
     from .transforms import normalize_batch, test_transform
@@ -424,25 +400,18 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
     tf = test_transform(size) if size > SMALL_IMAGE_MAX else None
     names = info["class_names"]
     k = max(1, min(top_k, len(names)))
+    # the images go through the same loading (and error messages) as training and extraction
+    split = Split("predict", np.zeros(len(files), dtype=np.int64), paths=[str(f) for f in files])
+    small = tf is None
+    decoded = decode_split(split, size)[0] if small else None
     results = []
     for start in range(0, len(files), batch_size):
-        chunk = files[start:start + batch_size]
-        tensors = []
-        for f in chunk:
-            try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB")
-                    if tf is not None:
-                        tensors.append(tf(im))
-                    else:
-                        im = im.resize((size, size)) if im.size != (size, size) else im
-                        arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-                        tensors.append(arr.view(size, size, 3).permute(2, 0, 1))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-                reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-                raise LtcliError(f"{f}: cannot read image ({reason})") from None
-        x = torch.stack(tensors).to(device)
-        x = normalize_batch(x) if tf is None else x
+        rows = range(start, min(start + batch_size, len(files)))
+        chunk = files[rows.start:rows.stop]
+        if small:
+            x = normalize_batch(decoded[rows.start:rows.stop].to(device))
+        else:
+            x = torch.stack([tf(split.load(i)) for i in rows]).to(device)
         with torch.no_grad():
             feats = model.features(x).float().cpu()
         probs = torch.softmax(head.logits(feats).float(), dim=1)

@@ -23,7 +23,7 @@ from . import __version__
 from .console import err_console, progress_bar
 from .device import amp_dtype, resolve_device  # noqa: F401 (re-exported for callers)
 from .data import DataConfig, Dataset, SplitDataset, collate_skip, decode_split, load_dataset
-from .errors import LtcliError
+from .errors import LtcliError, check_seed
 from .evaluate import compute_metrics
 from .io import atomic_torch_save, safe_torch_load
 from .models import build_model
@@ -149,9 +149,7 @@ class TrainImages:
                 self.split, self.size, skip_bad=cfg.data.skip_bad_images, workers=max(1, cfg.workers)
             )
             self.kept = np.asarray(kept, dtype=np.int64)
-            if len(self.kept) < len(self.split) and self.split.paths is not None:
-                kept_set = set(self.kept.tolist())
-                self.skipped = [p for i, p in enumerate(self.split.paths) if i not in kept_set]
+            self.skipped = dataset.restrict("train", self.kept)
             self.images = images.to(device)
             if cfg.channels_last and device.type == "cuda":
                 self.images = self.images.contiguous(memory_format=torch.channels_last)
@@ -164,17 +162,6 @@ class TrainImages:
         return normalize_batch(x), self.labels.index_select(0, index)
 
 
-class _ListSampler(torch.utils.data.Sampler):
-    def __init__(self, indices):
-        self.indices = indices
-
-    def __iter__(self):
-        return iter(self.indices.tolist())
-
-    def __len__(self):
-        return len(self.indices)
-
-
 def _file_loader(split, transform, indices, batch_size, workers, device):
     """Batches (x, y, idx, bad_paths): unreadable images come back by name, never as a worker
     traceback, and the caller decides whether to fail or skip them."""
@@ -182,7 +169,7 @@ def _file_loader(split, transform, indices, batch_size, workers, device):
         SplitDataset(split, transform, skip_bad=True),
         collate_fn=collate_skip,
         batch_size=batch_size,
-        sampler=_ListSampler(indices),
+        sampler=indices.tolist(),  # any iterable of indices serves as a sampler
         num_workers=workers,
         pin_memory=device.type == "cuda",
         drop_last=False,
@@ -350,8 +337,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         raise LtcliError(f"--image-size {cfg.image_size}: must be at least 8")
     if cfg.workers < 0:
         raise LtcliError(f"--workers {cfg.workers}: must be >= 0")
-    if not 0 <= cfg.seed < 2**63:
-        raise LtcliError(f"--seed {cfg.seed}: must be between 0 and 2**63 - 1")
+    check_seed(cfg.seed)
     strategy_q(cfg.sampling, cfg.sampling_q)  # validates --sampling early
     device = resolve_device(cfg.device)
     autocast_dtype = amp_dtype(cfg.amp, device)
@@ -494,7 +480,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
 def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps, device, autocast_dtype,
                      bar, task, dist_info):
     model.train()
-    indices = np.fromiter(iter(_epoch_iter(sampler, epoch)), dtype=np.int64)
+    indices = np.array(sampler.rank_indices(epoch), dtype=np.int64)  # a writable copy of the stream
     # a generator per (seed, epoch, rank) makes augmentation repeatable and --resume exact
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + dist_info.rank)
@@ -574,11 +560,6 @@ def _test_step_pause(epoch: int, step: int) -> None:
     sys.stderr.write(f"ltcli-test: epoch={epoch} step={step}\n")
     sys.stderr.flush()
     time.sleep(_TEST_STEP_DELAY)
-
-
-def _epoch_iter(sampler, epoch):
-    sampler.set_epoch(epoch)
-    return sampler
 
 
 def _print_epoch(record: dict, val_name: str | None) -> None:
