@@ -393,13 +393,11 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # no weight decay on BN and bias parameters, as in the LDAM / decoupling recipes
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
-    )
+    # weight decay on every parameter, BN and biases included, as the LDAM and decoupling
+    # reference code does: in a long-tailed run it is what keeps the head classes' weight
+    # norms (and the classifier bias) from running away from the tail's
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=False)
     start_epoch = 0
     if resume:
         last = run.last_checkpoint
