@@ -5,6 +5,11 @@
                    images; file reading + GPU JPEG decoding for large ones with --gpu-decode)
   extract          ltcli's extract_split end to end (decode, forward, HDF5 write)
 
+For the 224 px case both decoders are measured (CPU workers with the PIL test transform, and
+--gpu-decode on CUDA), and on CUDA the GPU decoder is also profiled on file bytes already in
+memory: nvJPEG batched decode alone, and decode + grouped resize + crop (DeviceDecoder), so a
+slow row says whether the decoder, the resize or the file loader is the limit.
+
 Target (issue 3): extract >= 85 % of min(forward, loader), for resnet32 on CIFAR-10 (32 px)
 and resnet50 at 224 px with GPU decoding.
 
@@ -64,6 +69,33 @@ def make_jpegs(root: Path, n: int, classes: int = 10, size=(500, 375)) -> None:
         list(pool.map(one, range(n)))
 
 
+def device_decode_profile(paths, size, batch, device) -> dict:
+    """images/s of nvJPEG batched decode alone and of DeviceDecoder (decode + resize + crop),
+    on file bytes already in memory (no loader)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from ltcli.device_decode import DeviceDecoder
+
+    datas = [torch.frombuffer(bytearray(Path(p).read_bytes()), dtype=torch.uint8) for p in paths]
+    batches = [datas[i : i + batch] for i in range(0, len(datas), batch)]
+
+    def no_fallback(i, d):
+        raise RuntimeError(f"image {i} did not decode on the device")
+
+    decoder = DeviceDecoder(device, size, int(round(size * 256 / 224)))
+    rates = {}
+    for name, fn in (("decode_only", lambda b: decode_jpeg(b, mode=ImageReadMode.RGB, device=device)),
+                     ("decode_resize", lambda b: decoder(b, no_fallback))):
+        fn(batches[0])  # warm-up: decoder state, allocator
+        _sync(device)
+        t0 = time.perf_counter()
+        for b in batches:
+            fn(b)
+        _sync(device)
+        rates[name] = round(len(datas) / (time.perf_counter() - t0))
+    return rates
+
+
 def bench_case(name, spec, arch, size, batch, device, amp, workers, gpu_decode, out_dir):
     from ltcli.data import DataConfig, decode_split, load_dataset
     from ltcli.extract import Extraction, extract_split
@@ -96,14 +128,17 @@ def bench_case(name, spec, arch, size, batch, device, amp, workers, gpu_decode, 
     _sync(device)
     e2e = len(split) / (time.perf_counter() - t0)
     ceiling = min(fwd, loader)
-    return {"case": name, "images": len(split), "forward_ceiling": round(fwd), "loader_ceiling": round(loader),
-            "extract": round(e2e), "ratio_vs_min_ceiling": round(e2e / ceiling, 3)}
+    row = {"case": name, "images": len(split), "forward_ceiling": round(fwd), "loader_ceiling": round(loader),
+           "extract": round(e2e), "ratio_vs_min_ceiling": round(e2e / ceiling, 3)}
+    if gpu_decode:
+        row["device_decode_profile"] = device_decode_profile(split.paths, size, batch, device)
+    return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cifar-root", default=None, help="ImageFolder of CIFAR-10 JPEGs (train/ used)")
-    ap.add_argument("--jpegs", type=int, default=4000, help="ImageNet-sized JPEGs to generate (0: skip)")
+    ap.add_argument("--jpegs", type=int, default=8000, help="ImageNet-sized JPEGs to generate (0: skip)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
     ap.add_argument("--out", default=None)
@@ -119,13 +154,19 @@ def main() -> None:
                                device, amp, args.workers, False, tmp))
     if args.jpegs:
         make_jpegs(tmp / "jpegs", args.jpegs)
-        rows.append(bench_case("resnet50-224-gpudecode", f"imagefolder:{tmp / 'jpegs'}", "resnet50", 224, 256,
-                               device, amp, args.workers, device.type == "cuda", tmp))
+        for gpu_decode in (False, True) if device.type == "cuda" else (False,):
+            rows.append(bench_case("resnet50-224-" + ("gpudecode" if gpu_decode else "cpudecode"),
+                                   f"imagefolder:{tmp / 'jpegs'}", "resnet50", 224, 256,
+                                   device, amp, args.workers, gpu_decode, tmp))
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(f"{'case':26}{'images':>8}{'forward/s':>12}{'loader/s':>12}{'extract/s':>12}{'ratio':>8}   [{gpu}]")
     for r in rows:
         print(f"{r['case']:26}{r['images']:>8}{r['forward_ceiling']:>12,}{r['loader_ceiling']:>12,}"
               f"{r['extract']:>12,}{r['ratio_vs_min_ceiling']:>8.2f}")
+        if "device_decode_profile" in r:
+            prof = r["device_decode_profile"]
+            print(f"{'':26}bytes in memory: nvJPEG decode {prof['decode_only']:,}/s, "
+                  f"decode + resize + crop {prof['decode_resize']:,}/s")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": gpu, "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
 

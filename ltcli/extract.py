@@ -34,12 +34,12 @@ import torch
 
 from .console import err_console, progress_bar
 from .device import amp_dtype
+from .device_decode import DeviceDecoder, cpu_fallback, pack_bytes, unpack_bytes
 from .errors import LtcliError
 from .features import FeatureWriter, _open_h5, check_cache_options, shard_path
 
 SMALL_IMAGE_MAX = 64
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,23 +89,6 @@ def rank_rows(n: int, batch_size: int, rank: int, world_size: int) -> tuple[int,
     nb = -(-n // batch_size)
     b0, b1 = rank * nb // world_size, (rank + 1) * nb // world_size
     return min(n, b0 * batch_size), min(n, b1 * batch_size)
-
-
-class _Normalize:
-    """`transforms.normalize_batch` with its constants made once on the device.
-
-    normalize_batch builds its mean/std tensors from Python lists on every call; on CUDA such
-    a copy from pageable memory waits for the stream, i.e. one full sync per batch. The same
-    arithmetic with cached constants gives identical values without the sync."""
-
-    def __init__(self, device: torch.device):
-        from .transforms import IMAGENET_MEAN, IMAGENET_STD
-
-        self.scale = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
-        self.shift = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0).to(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(torch.float32) - self.shift) / self.scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -159,11 +142,10 @@ class _SmallSource:
         self.images = images
 
     def batches(self, start: int, stop: int, batch_size: int):
-        from .transforms import augment_batch
+        from .transforms import augment_batch, normalize_batch
 
         if start < stop:
             self.prepare()
-        normalize_batch = _Normalize(self.device)
         cl = self.device.type == "cuda"
         for s, e in batch_ranges(start, stop, batch_size):
             x = self.images[s:e].to(self.device, non_blocking=True)
@@ -216,13 +198,13 @@ class _FileDataset(torch.utils.data.Dataset):
 
 def _collate(items):
     """Stack decoded images in the worker (so the pinned batch arrives ready); raw file
-    bytes stay a list."""
+    bytes are packed into one tensor plus lengths (one shared-memory transfer per batch)."""
     tensors, js, errs = zip(*items)
     errs = [e for e in errs if e]
     if errs:
         return None, list(js), errs
     if tensors[0].dtype == torch.uint8 and tensors[0].dim() == 1:
-        return list(tensors), list(js), []
+        return pack_bytes(tensors), list(js), []
     return torch.stack(tensors), list(js), []
 
 
@@ -264,7 +246,8 @@ class _FileSource:
             self.transform = describe_transform(self.tf)
 
     def batches(self, start: int, stop: int, batch_size: int):
-        normalize_batch = _Normalize(self.device)
+        from .transforms import normalize_batch
+
         ds = _FileDataset(self.split, self.kept, self.tf, self.views, self.seed, raw=self.gpu_decode)
         # rows of the file are positions in `kept`; the loader indexes ds by file row
         grid = _BatchGrid(start, stop, batch_size, offset=0)
@@ -278,82 +261,20 @@ class _FileSource:
             prefetch_factor=4 if self.workers > 0 else None,
             persistent_workers=False,
         )
+        decoder = DeviceDecoder(self.device, self.size, self.resize) if self.gpu_decode else None
         for (s, e), (tensors, js, errs) in zip(grid.ranges, loader):
             if errs:
                 raise LtcliError(errs[0])
-            if self.gpu_decode:
-                x = normalize_batch(self._decode_on_device(tensors, js))
-                xs = [x]
+            if decoder is not None:
+                rows = [int(self.kept[j]) for j in js]
+                fallback = cpu_fallback(lambda i: self.split.load(rows[i]))
+                xs = [normalize_batch(decoder(unpack_bytes(*tensors), fallback))]
             else:
                 x = tensors.to(self.device, non_blocking=True)
                 xs = [x] if self.views == 1 else [x[:, k] for k in range(self.views)]
             if cuda:
                 xs = [v.contiguous(memory_format=torch.channels_last) for v in xs]
             yield s, e, xs
-
-    # GPU JPEG decoding (CUDA only) ---------------------------------------------------------
-    def _resize_crop(self, img: torch.Tensor) -> torch.Tensor:
-        """Resize the short side to `resize` (bilinear, antialias), center-crop `size`; uint8."""
-        import torch.nn.functional as F
-
-        _, h, w = img.shape
-        short, long = (h, w) if h <= w else (w, h)
-        new_short, new_long = self.resize, int(self.resize * long / short)
-        nh, nw = (new_short, new_long) if h <= w else (new_long, new_short)
-        x = F.interpolate(img.unsqueeze(0).float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-        top = int(round((nh - self.size) / 2.0))
-        left = int(round((nw - self.size) / 2.0))
-        x = x[:, :, top : top + self.size, left : left + self.size]
-        return x.round_().clamp_(0, 255).to(torch.uint8)[0]
-
-    def _decode_on_device(self, datas: list[torch.Tensor], js: list[int]) -> torch.Tensor:
-        """Decode a batch of file bytes on the GPU; uint8 B x 3 x size x size on the device.
-
-        nvJPEG's hardware decoder writes its outputs without waiting for the work queued on its
-        stream (pytorch/vision#9606, meta-pytorch/torchcodec#1634): given a block of the caching
-        allocator that queued kernels still read, it corrupts that memory (seen here as NaN
-        features). So decoding runs on a side stream that is drained before every decode (only
-        the previous batch's resizes are queued there, never the forward), and the batch handed
-        to the main stream is marked with record_stream so its memory is not reused early."""
-        main = torch.cuda.current_stream(self.device)
-        if getattr(self, "_stream", None) is None:
-            self._stream = torch.cuda.Stream(self.device)
-        side = self._stream
-        side.synchronize()
-        with torch.cuda.stream(side):
-            out = self._decode_resize(datas, js)
-        main.wait_stream(side)
-        out.record_stream(main)
-        return out
-
-    def _decode_resize(self, datas: list[torch.Tensor], js: list[int]) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
-        out = torch.empty((len(datas), 3, self.size, self.size), dtype=torch.uint8, device=self.device)
-        jpeg = [i for i, d in enumerate(datas) if bytes(d[:3].tolist()) == JPEG_MAGIC]
-        decoded: dict[int, torch.Tensor] = {}
-        if jpeg:
-            try:
-                imgs = decode_jpeg([datas[i] for i in jpeg], mode=ImageReadMode.RGB, device=self.device)
-                decoded.update(zip(jpeg, imgs))
-            except RuntimeError:
-                for i in jpeg:   # find the culprit(s); the others fall back to the CPU below
-                    try:
-                        torch.cuda.current_stream(self.device).synchronize()
-                        decoded[i] = decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=self.device)
-                    except RuntimeError:
-                        pass
-        for i, d in enumerate(datas):
-            if i not in decoded:
-                row = int(self.kept[js[i]])
-                try:
-                    decoded[i] = decode_image(d, mode=ImageReadMode.RGB).to(self.device)
-                except RuntimeError:
-                    img = self.split.load(row)   # PIL: raises an LtcliError naming the file
-                    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-                    decoded[i] = arr.to(self.device)
-            out[i] = self._resize_crop(decoded[i])
-        return out
 
 
 def _scan_bad(split, workers: int) -> np.ndarray:

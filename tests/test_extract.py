@@ -297,10 +297,3 @@ def test_two_process_gloo_extraction_equals_single_process(tmp_path, job_script)
     assert all(r[0].strip() == str(out) for r in results)
     assert sha(out) == sha(ref)
     assert not list(tmp_path.glob("out.h5.rank*"))
-
-
-def test_cached_normalisation_equals_normalize_batch():
-    from ltcli.extract import _Normalize
-
-    x = torch.randint(0, 256, (5, 3, 7, 7), dtype=torch.uint8)
-    assert torch.equal(_Normalize(torch.device("cpu"))(x), normalize_batch(x))
