@@ -27,6 +27,16 @@ def _figure(width: float = 7.0, height: float = 4.5):
     return fig
 
 
+def _finish(fig, ax, path: str | os.PathLike, xlabel: str, ylabel: str, title: str) -> None:
+    """Labels, grid and legend every plot shares, then the atomic save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    _save(fig, path)
+
+
 def _save(fig, path: str | os.PathLike) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -65,12 +75,7 @@ def plot_tau_curve(
         ax.plot(taus[order], y, style, color=color, marker=".", label=key, linewidth=2 if key == "overall" else 1.3)
     if best_tau is not None:
         ax.axvline(best_tau, color="tab:green", linestyle=":", label=f"best τ = {best_tau:g}")
-    ax.set_xlabel("τ")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or "accuracy against τ")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    _save(fig, path)
+    _finish(fig, ax, path, "τ", "accuracy (%)", title or "accuracy against τ")
 
 
 def plot_per_class_accuracy(
@@ -117,13 +122,9 @@ def plot_per_class_accuracy(
     for threshold in (few, many):
         ax.axvline(threshold, color="grey", linestyle="--", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_xlabel("training images in the class (log)")
-    ax.set_ylabel("per-class accuracy (%)")
     ax.set_ylim(-3, 103)
-    ax.set_title(title or "per-class accuracy against train count")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    _save(fig, path)
+    _finish(fig, ax, path, "training images in the class (log)", "per-class accuracy (%)",
+            title or "per-class accuracy against train count")
 
 
 def plot_weight_norms(
@@ -155,10 +156,6 @@ def plot_weight_norms(
         if norms.size != counts.size:
             raise LtcliError(f"{path}: head {name!r} has {norms.size} weight norms, train counts {counts.size}")
         ax.plot(x, norms[order], color=f"C{i % 10}", linewidth=1.5, label=name)
-    ax.set_xlabel("class index, sorted by training images (descending)")
-    ax.set_ylabel("weight norm ‖w_j‖")
     ax.set_xlim(-0.5, counts.size - 0.5)
-    ax.set_title(title or "classifier weight norm per class")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize="small")
-    _save(fig, path)
+    _finish(fig, ax, path, "class index, sorted by training images (descending)", "weight norm ‖w_j‖",
+            title or "classifier weight norm per class")
