@@ -48,7 +48,10 @@ def resize_crop(images: Sequence[torch.Tensor], size: int, resize: int, out: tor
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
         top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
         x = x[:, :, top : top + size, left : left + size].round_().clamp_(0, 255).to(torch.uint8)
-        out.index_copy_(0, torch.tensor(members, device=out.device), x)
+        idx = torch.tensor(members)
+        if out.is_cuda:  # from pinned memory: a pageable copy would wait for the stream
+            idx = idx.pin_memory().to(out.device, non_blocking=True)
+        out.index_copy_(0, idx, x)
     return out
 
 
