@@ -165,9 +165,10 @@ class _SmallSource:
 class _FileDataset(torch.utils.data.Dataset):
     """Loads one image (or its K seeded views, or its raw bytes) per row; never raises."""
 
-    def __init__(self, split, rows: np.ndarray, transform, views: int, seed: int, raw: bool):
+    def __init__(self, split, rows: np.ndarray, transform, views: int, seed: int, raw: bool,
+                 draft: int | None = None):
         self.split, self.rows, self.transform = split, rows, transform
-        self.views, self.seed, self.raw = views, seed, raw
+        self.views, self.seed, self.raw, self.draft = views, seed, raw, draft
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -180,7 +181,7 @@ class _FileDataset(torch.utils.data.Dataset):
                 with open(path, "rb") as fh:
                     data = fh.read()
                 return torch.frombuffer(bytearray(data), dtype=torch.uint8), j, ""
-            img = self.split.load(i)
+            img = self.split.load(i, draft=self.draft)
             if self.views == 1:
                 return self.transform(img), j, ""
             out = []
@@ -225,13 +226,13 @@ class _FileSource:
     """A DataLoader over the split's image files, in the batches of the global grid."""
 
     def __init__(self, split, kept, size, workers, device, views, seed, gpu_decode):
-        from .transforms import describe_transform, test_transform, train_transform
+        from .transforms import describe_transform, test_resize, test_transform, train_transform
 
         self.split, self.kept = split, kept
         self.size = size or 224
         self.workers, self.device, self.views, self.seed = workers, device, views, seed
         self.gpu_decode = bool(gpu_decode and device.type == "cuda" and split.paths is not None and views == 1)
-        self.resize = int(round(self.size * 256 / 224))
+        self.resize = test_resize(self.size)
         if views > 1:
             self.tf = train_transform(self.size)
             self.transform = f"{describe_transform(self.tf)}; {views} views, seed {seed}"
@@ -243,12 +244,14 @@ class _FileSource:
             )
         else:
             self.tf = test_transform(self.size)
-            self.transform = describe_transform(self.tf)
+            # big JPEGs decode at reduced scale (Split.load's draft), which the cache records
+            self.transform = f"{describe_transform(self.tf)}; JPEG draft >= {self.resize}px"
 
     def batches(self, start: int, stop: int, batch_size: int):
         from .transforms import normalize_batch
 
-        ds = _FileDataset(self.split, self.kept, self.tf, self.views, self.seed, raw=self.gpu_decode)
+        draft = self.resize if self.views == 1 and not self.gpu_decode else None
+        ds = _FileDataset(self.split, self.kept, self.tf, self.views, self.seed, raw=self.gpu_decode, draft=draft)
         # rows of the file are positions in `kept`; the loader indexes ds by file row
         grid = _BatchGrid(start, stop, batch_size, offset=0)
         cuda = self.device.type == "cuda"

@@ -372,7 +372,7 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
     from .data import IMAGE_EXTENSIONS, Split, decode_split
     from .rundir import file_sha256
     from .train import SMALL_IMAGE_MAX, load_backbone, model_from_checkpoint, resolve_device
-    from .transforms import normalize_batch, test_transform
+    from .transforms import normalize_batch, test_resize, test_transform
 
     files: list[Path] = []
     for item in inputs:
@@ -411,7 +411,7 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
         if small:
             x = normalize_batch(decoded[rows.start:rows.stop].to(device))
         else:
-            x = torch.stack([tf(split.load(i)) for i in rows]).to(device)
+            x = torch.stack([tf(split.load(i, draft=test_resize(size))) for i in rows]).to(device)
         with torch.no_grad():
             feats = model.features(x).float().cpu()
         probs = torch.softmax(head.logits(feats).float(), dim=1)

@@ -29,7 +29,7 @@ from .io import atomic_torch_save, safe_torch_load
 from .models import build_model
 from .rundir import RUN_FORMAT, RunDir, dataset_id, file_sha256
 from .sampling import LongTailSampler, strategy_q
-from .transforms import augment_batch, normalize_batch, test_transform, train_transform
+from .transforms import augment_batch, normalize_batch, test_resize, test_transform, train_transform
 
 SMALL_IMAGE_MAX = 64  # images up to this side are decoded once into memory
 
@@ -162,11 +162,11 @@ class TrainImages:
         return normalize_batch(x), self.labels.index_select(0, index)
 
 
-def _file_loader(split, transform, indices, batch_size, workers, device):
+def _file_loader(split, transform, indices, batch_size, workers, device, draft=None):
     """Batches (x, y, idx, bad_paths): unreadable images come back by name, never as a worker
     traceback, and the caller decides whether to fail or skip them."""
     return torch.utils.data.DataLoader(
-        SplitDataset(split, transform, skip_bad=True),
+        SplitDataset(split, transform, skip_bad=True, draft=draft),
         collate_fn=collate_skip,
         batch_size=batch_size,
         sampler=indices.tolist(),  # any iterable of indices serves as a sampler
@@ -200,7 +200,7 @@ class HeldOutImages:
                 yield normalize_batch(self.images[start : start + batch_size])
         else:
             loader = _file_loader(self.split, test_transform(self.size), np.arange(len(self.split)), batch_size,
-                                  workers, self.device)
+                                  workers, self.device, draft=test_resize(self.size))
             for x, y, _, bad in loader:
                 if bad and not self.skip_bad:
                     raise LtcliError(f"{bad[0]}: cannot read image (--skip-bad-images skips and records it)")

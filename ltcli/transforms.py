@@ -66,12 +66,20 @@ def train_transform(size: int = 224):
     ])
 
 
+def test_resize(size: int = 224) -> int:
+    """The short side test_transform resizes to before its centre crop (256 for 224)."""
+    return round(size * 256 / 224)
+
+
 def test_transform(size: int = 224):
-    """Large-image evaluation: Resize(size * 256 / 224) + CenterCrop(size) + ToTensor + Normalize."""
+    """Large-image evaluation: Resize(size * 256 / 224) + CenterCrop(size) + ToTensor + Normalize.
+
+    Load the images with `Split.load(i, draft=test_resize(size))`: big JPEGs then decode at
+    reduced scale, still at least that side."""
     from torchvision import transforms as T
 
     return T.Compose([
-        T.Resize(round(size * 256 / 224)),
+        T.Resize(test_resize(size)),
         T.CenterCrop(size),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -91,3 +91,21 @@ def test_split_dataset_for_large_images(tmp_path):
     x, y, idx, bad = next(iter(loader))
     assert tuple(x.shape) == (3, 3, 8, 8) and idx.tolist() == [0, 2, 3] and y.tolist() == [0, 1, 1]
     assert bad == [split.paths[1]]
+
+
+def test_draft_decodes_big_jpegs_at_reduced_scale_never_below_the_side(tmp_path):
+    rng = np.random.default_rng(3)
+    small = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    big = tmp_path / "big.jpg"
+    Image.fromarray(small).resize((600, 400), Image.BILINEAR).save(big, quality=95)
+    png = tmp_path / "big.png"
+    Image.fromarray(small).resize((600, 400), Image.BILINEAR).save(png)
+    split = Split("test", np.zeros(2), paths=[str(big), str(png)], keys=["big.jpg", "big.png"])
+    assert split.load(0).size == (600, 400)
+    assert split.load(0, draft=90).size == (150, 100)    # 1/4: 1/8 would make the short side 50 < 90
+    assert split.load(0, draft=300).size == (600, 400)   # not twice the side: full scale
+    assert split.load(1, draft=90).size == (600, 400)    # PNG: no DCT scaling
+    # the reduced decode is a faithful downscale: close to decoding in full and resizing
+    full = np.asarray(split.load(0).resize((150, 100), Image.BILINEAR), dtype=np.float32)
+    drafted = np.asarray(split.load(0, draft=90), dtype=np.float32)
+    assert np.abs(full - drafted).mean() < 4.0

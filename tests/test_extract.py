@@ -297,3 +297,26 @@ def test_two_process_gloo_extraction_equals_single_process(tmp_path, job_script)
     assert all(r[0].strip() == str(out) for r in results)
     assert sha(out) == sha(ref)
     assert not list(tmp_path.glob("out.h5.rank*"))
+
+
+def test_big_jpegs_are_extracted_from_a_reduced_scale_decode(tmp_path):
+    """The test transform's input comes from Split.load(draft=resize side), and the cache's
+    transform attribute says so (a file made without it is never resumed with it)."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.jpg"
+        small = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((160, 120), Image.BILINEAR).save(p, quality=95)
+        paths.append(str(p))
+    split = Split("test", np.arange(6) % C, paths=paths, keys=[f"{i}.jpg" for i in range(6)])
+    model = tiny_model()
+    fs = read_features(extract_split(model, split, tmp_path / "t.h5", **opts(small=False, size=16)))
+    resize = T.test_resize(16)
+    assert split.load(0, draft=resize).size == (40, 30)  # decoded at 1/4 scale
+    tf = T.test_transform(16)
+    x = torch.stack([tf(split.load(i, draft=resize)) for i in range(6)])
+    with torch.no_grad():
+        want = model.features(x)
+    torch.testing.assert_close(fs.features, want.half().float(), rtol=0, atol=0)
+    assert f"JPEG draft >= {resize}px" in fs.attrs["transform"]

@@ -28,18 +28,7 @@ def fit_image(img: Image.Image, size: int) -> np.ndarray:
 
 
 def _open_fit(split: Split, i: int, size: int) -> np.ndarray:
-    path = split.paths[i]
-    try:
-        with Image.open(path) as img:
-            if min(img.size) >= 2 * size:
-                img.draft("RGB", (size, size))  # JPEG: let the decoder downscale big images for free
-            img.load()
-            return fit_image(img.convert("RGB"), size)
-    except FileNotFoundError:
-        raise LtcliError(f"{path}: image not found") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise LtcliError(f"{path}: cannot read image ({reason[:120]})") from None
+    return fit_image(split.load(i, draft=size), size)
 
 
 class _Chunks(torch.utils.data.Dataset):

@@ -11,13 +11,14 @@ from .types import Split
 
 
 class SplitDataset(torch.utils.data.Dataset):
-    """Item i = (transform(image), label, i).
+    """Item i = (transform(image), label, i); `draft` as in Split.load.
 
     With skip_bad=True an unreadable image yields (None, label, i, path) instead of
     raising; use `collate_skip` so the batch leaves it out and reports its path."""
 
-    def __init__(self, split: Split, transform: Callable | None = None, skip_bad: bool = False) -> None:
-        self.split, self.transform, self.skip_bad = split, transform, skip_bad
+    def __init__(self, split: Split, transform: Callable | None = None, skip_bad: bool = False,
+                 draft: int | None = None) -> None:
+        self.split, self.transform, self.skip_bad, self.draft = split, transform, skip_bad, draft
 
     def __len__(self) -> int:
         return len(self.split)
@@ -25,7 +26,7 @@ class SplitDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         label = int(self.split.labels[i])
         try:
-            img = self.split.load(i)
+            img = self.split.load(i, draft=self.draft)
         except LtcliError:
             if not self.skip_bad:
                 raise

@@ -67,13 +67,19 @@ class Split:
         kind = "files" if self.paths is not None else "in-memory"
         return f"Split({self.name!r}, {len(self)} images, {kind})"
 
-    def load(self, i: int) -> Image.Image:
-        """Image i as RGB; a missing, unreadable or corrupt file is an LtcliError naming it."""
+    def load(self, i: int, draft: int | None = None) -> Image.Image:
+        """Image i as RGB; a missing, unreadable or corrupt file is an LtcliError naming it.
+
+        draft=S: a JPEG at least twice S on both sides is decoded at 1/2, 1/4 or 1/8 scale
+        (libjpeg's DCT scaling), never below S x S: several times faster for big photos that
+        are about to be shrunk to S anyway."""
         if self.images is not None:
             return Image.fromarray(self.images[i])
         path = self.paths[i]
         try:
             with Image.open(path) as img:
+                if draft:
+                    img.draft("RGB", (draft, draft))  # no-op for other formats and small JPEGs
                 img.load()  # decode now: truncated files only fail here
                 return img.convert("RGB")
         except FileNotFoundError:
