@@ -156,8 +156,9 @@ class TrainImages:
             self.labels_np = self.labels_np[self.kept]
             self.labels = torch.as_tensor(self.labels_np, device=device)
 
-    def batch(self, idx: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(idx, device=self.device)
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """index: sample positions, already on the device (a per-step host-to-device copy of
+        the indices would make the CPU wait for the GPU every step)."""
         x = augment_batch(self.images.index_select(0, index), generator)
         return normalize_batch(x), self.labels.index_select(0, index)
 
@@ -487,7 +488,9 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
     seen = 0
     started = time.perf_counter()
     loader = None
-    if not images.in_memory:
+    if images.in_memory:
+        indices_on_device = torch.as_tensor(indices, device=device)  # one copy per epoch
+    else:
         loader = iter(_file_loader(images.split, train_transform(images.size), indices, batch, cfg.workers, device))
     for step in range(steps):
         if images.in_memory:
@@ -496,7 +499,7 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
             # rather than compile a second graph (the stream is reshuffled every epoch)
             if len(idx) == 0 or (cfg.compile and len(idx) < batch and step > 0):
                 break
-            x, y = images.batch(idx, gen)
+            x, y = images.batch(indices_on_device[step * batch : step * batch + len(idx)], gen)
         else:
             try:
                 x, y, _, bad = next(loader)
