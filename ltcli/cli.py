@@ -165,7 +165,7 @@ def extract_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Output .h5 (one --split only; default RUN/features/SPLIT.h5)."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 (default) or float32."),
     views: int = typer.Option(1, "--views", help="K seeded augmented views per image (for cRT / LWS on augmented features)."),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per forward; a resumed file keeps the batch size it started with."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     amp: str = typer.Option("auto", "--amp", help="auto (bf16 on CUDA), bf16 or off."),
     workers: int = typer.Option(4, "--workers", help="Decode / loader worker processes."),
