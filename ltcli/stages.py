@@ -123,7 +123,7 @@ def tune_tau(
     run: RunDir | None = None,
 ) -> dict:
     """Sweep τ on a held-out split, pick the best by `metric`, write the head with that τ."""
-    from .tune import pick_best, tau_sweep, tau_table
+    from .tune import grid_edge_note, pick_best, tau_sweep, tau_table
 
     fs = read_features(split_path)
     if fs.split == "train":
@@ -147,6 +147,9 @@ def tune_tau(
         title += "  [TUNED ON TEST: optimistic]"
     err_console.print(tau_table(rows, best["tau"], title=title))
     err_console.print(f"best τ = {best['tau']:g}  ({metric} {100 * best[metric]:.2f}%)", highlight=False)
+    edge = grid_edge_note(rows, metric)
+    if edge:
+        err_console.print(f"[yellow]note:[/yellow] {edge}", highlight=False)
 
     options = {"tau": best["tau"]}
     if method == "tau-norm":

@@ -209,6 +209,20 @@ def pick_best(rows: Sequence[Mapping], metric: str = "overall") -> dict:
     return dict(max(rows, key=lambda r: (r[metric], r["overall"], -r["tau"])))
 
 
+def grid_edge_note(rows: Sequence[Mapping], metric: str = "overall") -> str | None:
+    """A hint when the best `metric` is reached at the largest τ of the grid: the optimum may
+    lie beyond it (a memorising backbone can want τ > 2). None otherwise."""
+    if len(rows) < 2:
+        return None
+    ordered = sorted(rows, key=lambda r: r["tau"])
+    top, below = ordered[-1], ordered[-2]
+    if top[metric] is None or top[metric] < max(r[metric] for r in rows if r[metric] is not None):
+        return None
+    step = top["tau"] - below["tau"]
+    return (f"the best {metric} is reached at the largest τ of the grid ({top['tau']:g}); the optimum "
+            f"may lie beyond it: try --grid {ordered[0]['tau']:g}:{2 * top['tau']:g}:{step:g}")
+
+
 def tau_table(rows: Sequence[Mapping], best_tau: float | None = None, title: str | None = None):
     """A rich Table of the sweep (τ, overall, macro, many, medium, few); the best row is bold."""
     from rich.table import Table

@@ -222,3 +222,16 @@ def test_sweep_agrees_with_the_fitted_heads(method, opts):
         assert row["overall"] == pytest.approx(ref["overall"], abs=1 / 600), tau
         for k in KEYS[1:]:
             assert row[k] == pytest.approx(ref[k], abs=0.03), (tau, k)
+
+
+def test_grid_edge_note_only_when_the_best_is_at_the_largest_tau():
+    from ltcli.tune import grid_edge_note
+
+    def rows(values):
+        return [{"tau": 0.5 * i, "overall": v} for i, v in enumerate(values)]
+
+    note = grid_edge_note(rows([0.60, 0.70, 0.80]))           # still rising at τ = 1
+    assert "largest τ of the grid (1)" in note and "--grid 0:2:0.5" in note
+    assert grid_edge_note(rows([0.60, 0.80, 0.80])) is not None  # tied at the edge
+    assert grid_edge_note(rows([0.60, 0.80, 0.70])) is None      # a peak inside the grid
+    assert grid_edge_note(rows([0.60])) is None
