@@ -453,10 +453,15 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
                                  "or inf); use a smaller --lr (the last good checkpoint is kept)")
             record = {"event": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs, **metrics}
             if dist_info.is_main:
+                # the per-epoch work outside the step loop, timed: with sub-second epochs (CIFAR
+                # on a GPU) it is a visible share of the wall time
+                t0 = time.perf_counter()
                 if val_name is not None:
                     m = evaluate_model(model, held_out, autocast_dtype, train_counts, cfg, workers=cfg.workers)
                     record.update({f"{val_name}_{k}": m[k] for k in ("overall", "macro", "many", "medium", "few")})
+                t1 = time.perf_counter()
                 atomic_torch_save(checkpoint_payload(model, optimizer, epoch, cfg, info), run.last_checkpoint)
+                record.update(eval_s=round(t1 - t0, 3), checkpoint_s=round(time.perf_counter() - t1, 3))
                 run.log_event(record)
                 history.append(record)
                 _print_epoch(record, val_name)

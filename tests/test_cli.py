@@ -77,6 +77,7 @@ def test_train_backbone_each_sampling(tmp_path, sampling):
     for key in ("val_overall", "val_macro", "val_many", "val_medium", "val_few"):
         assert 0.0 <= rec[key] <= 1.0, key
     assert rec["train_loss"] > 0 and 0 <= rec["train_acc"] <= 1
+    assert rec["eval_s"] > 0 and rec["checkpoint_s"] > 0  # the per-epoch work outside the steps
     assert events[-1]["event"] == "train-done"
 
     ckpt = torch.load(run / "backbone.pt", weights_only=True)
