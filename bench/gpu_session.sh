@@ -31,7 +31,7 @@ cifar)
   (cd "$RUN"/reports 2>/dev/null && tar cf "$OUT/reports.tar" ./*.png ./*.json ./*.csv)
   ;;
 bench)
-  timeout 150 python3 bench/heads_speed.py --device cuda --out "$OUT/heads_speed_cuda.json" 2>&1 | tail -12
+  timeout 240 python3 bench/heads_speed.py --device cuda --out "$OUT/heads_speed_cuda.json" 2>&1 | tail -12
   timeout 150 python3 bench/extract_throughput.py --cifar-root $DATA --jpegs 8000 --workers 16 \
     --out "$OUT/extract_throughput.json" 2>&1 | tail -6
   timeout 70 python3 bench/train_throughput.py --data imagefolder:$DATA --imbalance-factor 100 --arch resnet32 \
