@@ -401,6 +401,7 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
     native = info.get("image_size") or (info.get("train_config") or {}).get("image_size")
     size = native if native and native <= SMALL_IMAGE_MAX else 224
     tf = test_transform(size) if size > SMALL_IMAGE_MAX else None
+    draft = test_resize(size)  # big JPEGs decode at reduced scale, as in extract
     names = info["class_names"]
     k = max(1, min(top_k, len(names)))
     # the images go through the same loading (and error messages) as training and extraction
@@ -414,7 +415,7 @@ def predict_images(run: RunDir, head_path: Path, inputs: Sequence[str], *, check
         if small:
             x = normalize_batch(decoded[rows.start:rows.stop].to(device))
         else:
-            x = torch.stack([tf(split.load(i, draft=test_resize(size))) for i in rows]).to(device)
+            x = torch.stack([tf(split.load(i, draft=draft)) for i in rows]).to(device)
         with torch.no_grad():
             feats = model.features(x).float().cpu()
         probs = torch.softmax(head.logits(feats).float(), dim=1)

@@ -499,12 +499,12 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
         loader = iter(_file_loader(images.split, train_transform(images.size), indices, batch, cfg.workers, device))
     for step in range(steps):
         if images.in_memory:
-            idx = indices[step * batch : (step + 1) * batch]
+            index = indices_on_device[step * batch : (step + 1) * batch]
             # a compiled step is specialised to one batch shape: drop the short last batch
             # rather than compile a second graph (the stream is reshuffled every epoch)
-            if len(idx) == 0 or (cfg.compile and len(idx) < batch and step > 0):
+            if len(index) == 0 or (cfg.compile and len(index) < batch and step > 0):
                 break
-            x, y = images.batch(indices_on_device[step * batch : step * batch + len(idx)], gen)
+            x, y = images.batch(index, gen)
         else:
             try:
                 x, y, _, bad = next(loader)
