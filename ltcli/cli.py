@@ -120,6 +120,12 @@ def train_backbone_cmd(
     synthetic_classes: Optional[int] = typer.Option(None, "--synthetic-classes", help="Classes of the synthetic dataset."),
     synthetic_size: Optional[int] = typer.Option(None, "--synthetic-size", help="Image side of the synthetic dataset."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the train step (CUDA graphs on GPU; pays off for small nets)."),
+    mixup: float = typer.Option(0.0, "--mixup", help="Mixup with λ ~ Beta(α, α) per batch (0 = off; MiSLAS: 1.0). Keeps the backbone from memorising train, so cRT / LWS have something to learn."),
+    cutmix: float = typer.Option(0.0, "--cutmix", help="CutMix with λ ~ Beta(α, α) per batch (0 = off)."),
+    mix_switch_prob: float = typer.Option(0.5, "--mix-switch-prob", help="With --mixup and --cutmix: probability that a batch uses cutmix."),
+    mixup_off_epochs: int = typer.Option(0, "--mixup-off-epochs", help="Train the last N epochs without mixing (Bag of Tricks)."),
+    label_smoothing: float = typer.Option(0.0, "--label-smoothing", help="Label smoothing ε of the stage-1 loss."),
+    loss: str = typer.Option("ce", "--loss", help="ce, or balanced-softmax (cross-entropy on logits + log prior: logit-adjusted training, τ = 1)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from backbone-last.pt (same configuration)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace another run's files in --run."),
     as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
@@ -139,7 +145,8 @@ def train_backbone_cmd(
         arch=arch, weights=weights, sampling=sampling, sampling_q=sampling_q, epochs=epochs,
         batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
         warmup_epochs=warmup_epochs, seed=seed, device=device, amp=amp, image_size=image_size,
-        workers=workers, compile=compile_model,
+        workers=workers, compile=compile_model, mixup=mixup, cutmix=cutmix, mix_switch_prob=mix_switch_prob,
+        mixup_off_epochs=mixup_off_epochs, label_smoothing=label_smoothing, loss=loss,
     )
     result = train_backbone(cfg, RunDir(run), resume=resume, overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from . import __version__
 from .console import err_console, progress_bar
@@ -26,6 +25,7 @@ from .data import DataConfig, Dataset, SplitDataset, collate_skip, decode_split,
 from .errors import LtcliError, check_seed
 from .evaluate import compute_metrics
 from .io import atomic_torch_save, safe_torch_load
+from .mixing import LOSSES, log_prior, mix_batch, training_loss
 from .models import build_model
 from .rundir import RUN_FORMAT, RunDir, dataset_id, file_sha256
 from .sampling import LongTailSampler, strategy_q
@@ -56,6 +56,13 @@ class TrainConfig:
     many_threshold: int = 100
     few_threshold: int = 20
     compile: bool = False  # torch.compile; on CUDA "reduce-overhead" captures the step in CUDA graphs
+    # regularisers against memorising train (ltcli.mixing); 0 = off
+    mixup: float = 0.0  # Beta(α, α) of mixup
+    cutmix: float = 0.0  # Beta(α, α) of cutmix
+    mix_switch_prob: float = 0.5  # with both: probability of cutmix for a batch
+    mixup_off_epochs: int = 0  # the last N epochs train without mixing (Bag of Tricks)
+    label_smoothing: float = 0.0
+    loss: str = "ce"  # ce | balanced-softmax
 
     def identity(self) -> dict[str, Any]:
         """The fields that define a run: --resume refuses a run whose identity differs."""
@@ -286,6 +293,11 @@ def model_from_checkpoint(ckpt: dict, path) -> torch.nn.Module:
 # --- the training job ----------------------------------------------------------------------
 
 
+def _identity_defaults() -> dict:
+    defaults = TrainConfig().identity()
+    return {k: v for k, v in defaults.items() if k not in ("data",)}
+
+
 def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
     """Refuse to clobber another run; on --resume, insist on the same configuration."""
     if run.root.exists() and not run.root.is_dir():
@@ -294,7 +306,8 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, overwrite: bool)
         if not run.last_checkpoint.exists():
             raise LtcliError(f"--resume: {run.last_checkpoint} not found (nothing to resume)")
         info = run.read()
-        before = info.get("train_config", {})
+        # runs made before a field existed recorded its default implicitly
+        before = {**_identity_defaults(), **info.get("train_config", {})}
         now = cfg.identity()
         diffs = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
         if diffs:
@@ -310,6 +323,25 @@ def _check_run_dir(run: RunDir, cfg: TrainConfig, resume: bool, overwrite: bool)
             "pass --resume to continue it, --overwrite to replace it, or choose another --run"
         )
     return None
+
+
+def _check_regularisers(cfg: TrainConfig) -> None:
+    for flag, value in (("--mixup", cfg.mixup), ("--cutmix", cfg.cutmix)):
+        if not (math.isfinite(value) and 0 <= value <= 100):
+            raise LtcliError(f"{flag} {value}: the Beta parameter α must be in [0, 100] (0 = off; 1.0 is usual)")
+    if not (math.isfinite(cfg.mix_switch_prob) and 0 <= cfg.mix_switch_prob <= 1):
+        raise LtcliError(f"--mix-switch-prob {cfg.mix_switch_prob}: must be in [0, 1]")
+    if cfg.mixup_off_epochs < 0:
+        raise LtcliError(f"--mixup-off-epochs {cfg.mixup_off_epochs}: must be >= 0")
+    if cfg.mixup_off_epochs and not (cfg.mixup or cfg.cutmix):
+        raise LtcliError(f"--mixup-off-epochs {cfg.mixup_off_epochs}: needs --mixup or --cutmix")
+    if cfg.mixup_off_epochs >= cfg.epochs and (cfg.mixup or cfg.cutmix):
+        raise LtcliError(f"--mixup-off-epochs {cfg.mixup_off_epochs}: must be below --epochs {cfg.epochs} "
+                         "(mixing would never be used)")
+    if not (math.isfinite(cfg.label_smoothing) and 0 <= cfg.label_smoothing < 1):
+        raise LtcliError(f"--label-smoothing {cfg.label_smoothing}: must be in [0, 1)")
+    if cfg.loss not in LOSSES:
+        raise LtcliError(f"--loss {cfg.loss}: choose {' or '.join(LOSSES)}")
 
 
 def _replace_old_run(run: RunDir) -> None:
@@ -339,6 +371,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
     if cfg.workers < 0:
         raise LtcliError(f"--workers {cfg.workers}: must be >= 0")
     check_seed(cfg.seed)
+    _check_regularisers(cfg)
     strategy_q(cfg.sampling, cfg.sampling_q)  # validates --sampling early
     device = resolve_device(cfg.device)
     autocast_dtype = amp_dtype(cfg.amp, device)
@@ -388,6 +421,14 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         images.labels_np, cfg.sampling, q=cfg.sampling_q, seed=cfg.seed,
         rank=dist_info.rank, world_size=dist_info.world_size, total_epochs=cfg.epochs,
     )
+    prior = None
+    if cfg.loss == "balanced-softmax":  # the counts of the images this run trains on
+        counts = np.bincount(images.labels_np, minlength=dataset.num_classes)
+        if (counts == 0).any():
+            j = int(np.flatnonzero(counts == 0)[0])
+            raise LtcliError(f"--loss balanced-softmax: class {j} ('{dataset.class_names[j]}') has no train "
+                             "image, so its prior log(n_j / N) is undefined")
+        prior = log_prior(counts, device)
     per_rank_batch = max(1, cfg.batch_size // dist_info.world_size)
     steps_per_epoch = max(1, math.ceil(len(sampler) / per_rank_batch))
 
@@ -446,7 +487,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
         for epoch in range(start_epoch, cfg.epochs):
             metrics = _train_one_epoch(
                 train_model, optimizer, images, sampler, epoch, cfg, per_rank_batch, steps_per_epoch,
-                device, autocast_dtype, bar, task, dist_info,
+                device, autocast_dtype, bar, task, dist_info, prior,
             )
             if not math.isfinite(metrics["train_loss"]):
                 raise LtcliError(f"--lr {cfg.lr}: training diverged in epoch {epoch + 1} (the loss became NaN "
@@ -482,7 +523,7 @@ def train_backbone(cfg: TrainConfig, run: RunDir, *, resume: bool = False, overw
 
 
 def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps, device, autocast_dtype,
-                     bar, task, dist_info):
+                     bar, task, dist_info, prior=None):
     model.train()
     indices = np.array(sampler.rank_indices(epoch), dtype=np.int64)  # a writable copy of the stream
     # a generator per (seed, epoch, rank) makes augmentation repeatable and --resume exact
@@ -490,6 +531,12 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
     gen.manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + dist_info.rank)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    correct_mix = torch.zeros((), device=device)
+    # mixing draws (λ, partners, boxes) from their own stream, seeded like the augmentation
+    mix_rng = np.random.default_rng([cfg.seed, epoch, dist_info.rank, 1])
+    mixing = {}
+    if (cfg.mixup or cfg.cutmix) and epoch < cfg.epochs - cfg.mixup_off_epochs:
+        mixing = dict(mixup=cfg.mixup, cutmix=cfg.cutmix, switch_prob=cfg.mix_switch_prob)
     seen = 0
     started = time.perf_counter()
     loader = None
@@ -523,15 +570,20 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
         lr = lr_at(epoch * steps + step, steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        mixed = mix_batch(x, y, mix_rng, **mixing)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            logits = model(mixed.x)
+        loss = training_loss(logits, mixed, loss=cfg.loss, label_smoothing=cfg.label_smoothing, prior=prior)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         # accumulate on the device: no host sync inside the step loop
         loss_sum += loss.detach() * y.shape[0]
-        correct += (logits.detach().argmax(1) == y).sum()
+        pred = logits.detach().argmax(1)
+        if mixed.lam == 1.0:
+            correct += (pred == y).sum()
+        else:  # a mixed pair counts as the share of its targets the prediction hits
+            correct_mix += (pred == mixed.y_a).sum() * mixed.lam + (pred == mixed.y_b).sum() * (1.0 - mixed.lam)
         seen += int(y.shape[0])
         elapsed = time.perf_counter() - started
         bar.update(task, advance=1, rate=f"{seen * dist_info.world_size / max(elapsed, 1e-9):,.0f} img/s",
@@ -541,7 +593,7 @@ def _train_one_epoch(model, optimizer, images, sampler, epoch, cfg, batch, steps
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - started
-    stats = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
+    stats = torch.stack([loss_sum.float(), correct.float() + correct_mix, torch.tensor(float(seen), device=device)])
     if dist_info.enabled:
         dist.all_reduce(stats)
     total_seen = max(1.0, float(stats[2]))
