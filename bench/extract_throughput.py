@@ -98,7 +98,7 @@ def device_decode_profile(paths, size, batch, device) -> dict:
 
 def bench_case(name, spec, arch, size, batch, device, amp, workers, gpu_decode, out_dir):
     from ltcli.data import DataConfig, decode_split, load_dataset
-    from ltcli.extract import Extraction, extract_split
+    from ltcli.extraction import Extraction, extract_split
     from ltcli.models import build_model
 
     ds = load_dataset(DataConfig(spec=spec))
@@ -116,7 +116,7 @@ def bench_case(name, spec, arch, size, batch, device, amp, workers, gpu_decode, 
     if small:
         decode_split(split, size, skip_bad=False, workers=workers)
     else:  # the loader alone: the extraction's own batches, without the forward or the write
-        job = Extraction(model, split, out_dir / f"{name}-loader.h5", small=False, gpu_decode=gpu_decode, **common)
+        job = Extraction(model, split, out_dir / f"{name}-loader.h5", in_memory=False, gpu_decode=gpu_decode, **common)
         for _ in job.source.batches(0, len(split), batch):
             pass
         _sync(device)
@@ -124,7 +124,7 @@ def bench_case(name, spec, arch, size, batch, device, amp, workers, gpu_decode, 
 
     out = out_dir / f"{name}.h5"
     t0 = time.perf_counter()
-    extract_split(model, split, out, small=small, gpu_decode=gpu_decode, overwrite=True, **common)
+    extract_split(model, split, out, in_memory=small, gpu_decode=gpu_decode, overwrite=True, **common)
     _sync(device)
     e2e = len(split) / (time.perf_counter() - t0)
     ceiling = min(fwd, loader)

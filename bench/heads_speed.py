@@ -119,9 +119,9 @@ def top1_top5(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]
 
 
 def evaluate(scores: torch.Tensor, fs: FeatureSet) -> dict:
-    """One evaluation's metrics: ltcli.evaluate.compute_metrics when present."""
+    """One evaluation's metrics: ltcli.metrics.compute_metrics when present."""
     try:
-        from ltcli.evaluate import compute_metrics
+        from ltcli.metrics import compute_metrics
 
         return compute_metrics(scores, fs.labels, fs.train_counts)
     except ImportError:

@@ -8,10 +8,6 @@ class LtcliError(Exception):
 
 
 class JobFailed(Exception):
-    """The job itself failed (not the user's input): exit 1."""
-
-
-def check_seed(seed: int) -> None:
-    """--seed feeds numpy and torch generators, which take 0 <= seed < 2**63."""
-    if not 0 <= int(seed) < 2**63:
-        raise LtcliError(f"--seed {seed}: must be between 0 and 2**63 - 1")
+    """The job itself failed, not the user's input (a full disk, a diverged or NaN training, a
+    worker crash): the CLI prints `ltcli: failed: <message>` and exits 1. The message names the
+    file or option concerned."""

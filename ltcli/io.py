@@ -20,12 +20,37 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import LtcliError
+from .errors import JobFailed, LtcliError
 
 
-def _disk_error(path: Path, exc: OSError) -> LtcliError:
-    if exc.errno == errno.ENOSPC:
-        return LtcliError(f"{path}: no space left on device (nothing was overwritten)")
+def check_regular_file(path: str | os.PathLike, what: str) -> Path:
+    """The path of an existing regular file, checked before anything opens it: a FIFO or a
+    device named like a data file would block or stream forever."""
+    import stat
+
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise LtcliError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise LtcliError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+    noun = what if what.endswith("file") else f"{what} file"
+    if stat.S_ISDIR(st.st_mode):
+        raise LtcliError(f"{path}: is a directory, expected a {noun}")
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else ("a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise LtcliError(f"{path}: is {kind}, not a regular file; expected a {noun}")
+    return path
+
+
+def _disk_error(path: Path, exc: OSError) -> Exception:
+    """A failed write as one line: a full disk or an I/O error is the job failing (exit 1),
+    an unwritable path is bad input (exit 2)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return JobFailed(f"{path}: no space left on device (nothing was overwritten)")
+    if exc.errno == errno.EIO:
+        return JobFailed(f"{path}: input/output error while writing (nothing was overwritten)")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LtcliError(f"{path}: not writable ({exc.strerror})")
     return LtcliError(f"{path}: cannot write ({exc.strerror or exc})")
@@ -50,12 +75,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         _test_pause(path)
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise _disk_error(path, exc) from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in `folder` durable (the directory entry, not only the file's bytes)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -84,12 +129,34 @@ def _test_pause(path: Path) -> None:
         time.sleep(float(delay))
 
 
+class _WriteRecorder:
+    """A binary file whose first failed write is remembered: torch's serializer turns an
+    OSError raised mid-archive into an opaque RuntimeError, and the errno is what we report."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
-        # through a Python file object: a failed write (ENOSPC, EIO, ...) then raises OSError
-        # with its errno; torch.save(obj, path) reports it as an opaque RuntimeError instead
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            out = _WriteRecorder(fh)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None  # atomic_path turns it into one line
+                raise
 
 
 def append_line(path: str | os.PathLike, line: str) -> None:
@@ -108,11 +175,7 @@ def safe_torch_load(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     """torch.load with weights_only=True; every failure becomes a one-line LtcliError.
 
     A file carrying pickled objects (which could run code) is refused, not loaded."""
-    path = Path(path)
-    if not path.exists():
-        raise LtcliError(f"{path}: {what} not found")
-    if path.is_dir():
-        raise LtcliError(f"{path}: is a directory, expected a {what} file")
+    path = check_regular_file(path, what)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it
             warnings.simplefilter("ignore")
@@ -164,14 +227,35 @@ def exclusive_lock(target: str | os.PathLike, wait: bool = False) -> Iterator[No
         fh.close()
 
 
-def read_path_arg(value: str, what: str, stdin_reader: Callable[[], str] | None = None) -> str:
-    """Resolve an input path argument; '-' reads the first non-empty line of stdin."""
-    if value != "-":
-        return value
+def stdin_lines(max_len: int = 4096) -> Iterator[str]:
+    """Non-empty lines of stdin, stripped, read lazily (a pipe that never ends costs no memory);
+    a line longer than `max_len` characters is refused, naming its number."""
     import sys
 
-    text = stdin_reader() if stdin_reader else sys.stdin.read()
-    for line in text.splitlines():
+    for number, line in enumerate(iter(lambda: sys.stdin.readline(max_len + 2), ""), start=1):
+        if len(line.rstrip("\n")) > max_len:
+            raise LtcliError(f"-: stdin line {number} is longer than {max_len} characters")
         if line.strip():
-            return line.strip()
-    raise LtcliError(f"{what}: '-' given but stdin held no path")
+            yield line.strip()
+
+
+def read_path_arg(value: str, what: str, stdin_reader: Callable[[], str] | None = None) -> str:
+    """Resolve an input path argument; '-' reads exactly one path from stdin (a second one is an
+    error naming the count: this option takes one file)."""
+    if value != "-":
+        return value
+    if stdin_reader is not None:
+        lines = [line.strip() for line in stdin_reader().splitlines() if line.strip()]
+    else:
+        lines = []
+        for line in stdin_lines():
+            lines.append(line)
+            if len(lines) > 1:
+                break
+    if not lines:
+        raise LtcliError(f"{what}: '-' given but stdin held no path")
+    if len(lines) > 1:
+        more = len(lines) if stdin_reader is not None else "2 or more"
+        raise LtcliError(f"{what}: '-' takes one path, but stdin held {more} (pipe one file, e.g. "
+                         "`extract --split train | fit-head --features -`)")
+    return lines[0]

@@ -197,6 +197,25 @@ def _build_torchvision(arch: str, weights: str | None) -> tuple[nn.Module, int]:
     return model, dim
 
 
+def check_input_size(model: nn.Module, size: int, arch: str) -> None:
+    """A dry forward of two images of the side training will use: an architecture that cannot
+    take it (a ViT's fixed patch grid, a net that pools below 1 px) is refused by name now, not
+    by an assertion deep in the model an epoch later."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:140]
+        raise LtcliError(f"--arch {arch}: cannot take {size} px images ({reason}); choose another --image-size "
+                         "or --arch") from None
+    finally:
+        model.train(was_training)
+    if not torch.isfinite(out).all():
+        raise LtcliError(f"--arch {arch}: gives NaN or inf on {size} px images")
+
+
 def build_model(arch: str, num_classes: int, weights: str | None = None, seed: int | None = None) -> LTNet:
     """An LTNet for `arch` with a fresh Linear(D, num_classes) classifier.
 

@@ -1,22 +1,27 @@
 """The run directory: where every stage finds its inputs and leaves its outputs.
 
-    run.json, backbone.pt, backbone-last.pt, metrics.jsonl,
+    run.json, config.toml, backbone.pt, backbone-last.pt, metrics.jsonl (+ .csv), log.txt,
     features/<split>.h5, heads/<method>.pt, reports/
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import LtcliError
 from .io import append_line, atomic_write_json
 
 RUN_FORMAT = 1
 DEFAULT_RUN = "ltcli-run"
+_HELD: dict[str, int] = {}  # run directories whose lock this process holds (and how deep)
 
 
 class RunDir:
@@ -39,6 +44,14 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
 
     def features(self, split: str) -> Path:
         return self.root / "features" / f"{split}.h5"
@@ -84,9 +97,76 @@ class RunDir:
         record = {"time": round(time.time(), 3), **event}
         append_line(self.metrics, json.dumps(record, sort_keys=True))
 
+    def clear_artifacts(self) -> None:
+        """--overwrite: remove everything the old run made (its checkpoints and every artifact
+        that depends on them: features, heads, reports), so nothing stale outlives it."""
+        import shutil
+
+        for p in (self.backbone, self.last_checkpoint, self.metrics, self.config, self.run_json):
+            p.unlink(missing_ok=True)
+        for d in (self.features_dir, self.heads_dir, self.reports):
+            if d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d)
+            elif d.exists() or d.is_symlink():
+                d.unlink()
+
     def has_other_files(self) -> bool:
         markers = [self.run_json, self.backbone, self.last_checkpoint, self.metrics]
         return any(p.exists() for p in markers)
+
+    def has_checkpoint(self) -> bool:
+        """A run that trained at least one epoch (a run.json alone is a run killed before it)."""
+        return self.backbone.exists() or self.last_checkpoint.exists()
+
+    @contextlib.contextmanager
+    def writing(self, *, wait: bool = True, create: bool = False) -> Iterator[None]:
+        """Hold the run's lock (RUN/.ltcli.lock) while writing into it. Every writing command
+        takes it: one trains, extracts or fits into a run at a time, and a reader only ever
+        sees complete files (each is renamed into place). wait=False refuses at once when
+        another process holds it; otherwise this waits, saying for whom. Re-entrant within a
+        process (quickstart's stages nest); a no-op when the run does not exist (create=False)."""
+        if not self.root.is_dir():
+            if not create:
+                yield
+                return
+            self.root.mkdir(parents=True, exist_ok=True)
+        key = os.path.realpath(self.root)
+        if key in _HELD:
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
+        path = self.root / ".ltcli.lock"
+        try:
+            fh = open(path, "a+")
+        except OSError as exc:
+            raise LtcliError(f"{path}: cannot create the run's lock ({exc.strerror or exc})") from None
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another ltcli process"
+                if not wait:
+                    raise LtcliError(f"--run {self.root}: {holder} is writing this run (lock {path}); wait for it "
+                                     "to finish or choose another --run") from None
+                from .console import err_console
+
+                err_console.print(f"waiting for {holder} to finish writing {self.root} ...", highlight=False)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"ltcli process {os.getpid()} ({' '.join(sys.argv[1:3])})\n")
+            fh.flush()
+            _HELD[key] = 1
+            try:
+                yield
+            finally:
+                del _HELD[key]
+        finally:
+            fh.close()
 
 
 def _is_int(v: Any) -> bool:

@@ -1,9 +1,8 @@
-"""τ search for τ-normalisation and post-hoc logit adjustment, vectorised over the grid.
+"""τ search for the τ-tunable heads, vectorised over the grid.
 
-Both heads are a per-class rescaling or shift of the joint dot products d_j = w_jᵀf:
-  tau-norm       z_j(τ) = d_j / ‖w_j‖^τ  (+ b_j with keep_bias)
-  logit-adjust   z_j(τ) = d_j + b_j − τ·log(n_j / N)
-so the expensive N x D x C product is computed ONCE (in row chunks on the device) and each
+Each tunable head is a per-class rescaling or shift of the joint dot products d_j = w_jᵀf,
+z_j(τ) = d_j · c_j(τ) (+ b_j) or d_j + b_j + c_j(τ), and declares its columns c(τ)
+(`Head.sweep_terms`); so the expensive N x D x C product is computed ONCE (in row chunks on the device) and each
 τ costs only an elementwise op and a max over a block that stays in cache. A 41-value grid
 then costs about one evaluation instead of 41.
 """
@@ -17,42 +16,28 @@ import numpy as np
 import torch
 
 from .errors import LtcliError
-from .evaluate import GROUP_NAMES, fmt_pct, group_means, shot_groups
+from .groups import GROUP_NAMES, shot_groups
+from .metrics import fmt_pct, group_means
+from .options import or_list
+from .runtime import resolve_device
 
-METHODS = ("tau-norm", "logit-adjust")
 METRICS = ("overall", "macro", "many", "medium", "few")
 # Rows per matmul chunk: bounds device memory for the dot products.
 _MATMUL_ROWS = 8192
 
 
-def _device(device: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def tunable_head(method: str | None):
+    """The head class whose τ is searched (default: the first tunable head)."""
+    from .heads.registry import HEADS, tunable_methods
+
+    names = tunable_methods()
+    method = names[0] if method is None else method
+    if method not in names:
+        raise LtcliError(f"--method {method}: tune-tau supports {or_list(names, 'and')}")
+    return HEADS[method]
 
 
-def tau_columns(
-    weight: torch.Tensor,
-    train_counts: Any,
-    taus: Sequence[float],
-    method: str,
-) -> torch.Tensor:
-    """T x C per-τ column factors: scales (tau-norm) or additive offsets (logit-adjust).
-
-    Computed in float64 so the result matches building the normalised weight explicitly."""
-    t = torch.as_tensor([float(x) for x in taus], dtype=torch.float64)[:, None]
-    if method == "tau-norm":
-        # A zero weight row has zero dot products whatever its scale; 1 keeps 0 * scale = 0.
-        norms = weight.detach().double().norm(dim=1)
-        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        return torch.exp(-t * norms.log()[None, :])
-    counts = torch.as_tensor(np.asarray(train_counts), dtype=torch.float64).reshape(-1)
-    return -t * (counts / counts.sum()).log()[None, :]
-
-
-def _validate(features, labels, weight, bias, train_counts, taus, method, many, few):
-    if method not in METHODS:
-        raise LtcliError(f"--method: τ search supports {', '.join(METHODS)}, not {method!r}")
+def _validate(features, labels, weight, bias, train_counts, taus, many, few):
     if len(taus) == 0:
         raise LtcliError("--grid: no τ values")
     if any(not math.isfinite(float(t)) for t in taus):
@@ -73,9 +58,6 @@ def _validate(features, labels, weight, bias, train_counts, taus, method, many, 
     counts = np.asarray(train_counts.cpu() if isinstance(train_counts, torch.Tensor) else train_counts).reshape(-1)
     if counts.shape[0] != num_classes:
         raise LtcliError(f"train counts: {counts.shape[0]} classes, classifier has {num_classes}")
-    if method == "logit-adjust" and (counts <= 0).any():
-        j = int(np.flatnonzero(counts <= 0)[0])
-        raise LtcliError(f"train counts: class {j} has no training samples; logit-adjust needs log(n_j) finite")
     labels = torch.as_tensor(labels).reshape(-1).long().cpu()
     if labels.shape[0] != features.shape[0]:
         raise LtcliError(f"labels: {labels.shape[0]} labels for {features.shape[0]} feature rows")
@@ -142,7 +124,7 @@ def tau_sweep(
     bias: torch.Tensor | None,
     train_counts: Any,
     taus: Sequence[float],
-    method: str = "tau-norm",
+    method: str | None = None,
     keep_bias: bool = False,
     many: float = 100,
     few: float = 20,
@@ -154,22 +136,24 @@ def tau_sweep(
     logits (bias included whenever given; pass bias=None to drop it); keep_bias is ignored.
     Predictions are argmax with ties to the lowest class, as torch.argmax. device None: CUDA
     when available, else CPU. Values are fractions; a group with no class in `labels` is None."""
-    features, labels, counts = _validate(features, labels, weight, bias, train_counts, taus, method, many, few)
+    head = tunable_head(method)
+    features, labels, counts = _validate(features, labels, weight, bias, train_counts, taus, many, few)
     weight = torch.as_tensor(weight)
     bias = None if bias is None else torch.as_tensor(bias)
-    dev = _device(device)
+    dev = resolve_device(device)
     dtype = torch.float64 if torch.float64 in (features.dtype, weight.dtype) else torch.float32
     w = weight.detach().to(dev, dtype)
-    cols = tau_columns(weight, counts, taus, method).to(dev, dtype)
+    options = {"keep_bias": keep_bias} if "keep_bias" in head.options_spec else {}
+    cols, b, additive = head.sweep_terms(weight, bias, counts, taus, options)
+    cols = cols.to(dev, dtype)
     # A huge τ makes ‖w_j‖^-τ overflow to inf or underflow to 0, which would silently tie classes.
     bad = ~torch.isfinite(cols).all(dim=1)
-    if method == "tau-norm":
+    if not additive:
         bad |= (cols == 0).any(dim=1)
     if bad.any():
         tau = taus[int(bad.nonzero()[0])]
         raise LtcliError(f"--grid: τ = {tau:g} overflows the per-class scaling in {dtype}; use smaller τ values")
-    additive = method == "logit-adjust"
-    b = bias.detach().to(dev, dtype) if bias is not None and (additive or keep_bias) else None
+    b = None if b is None else b.detach().to(dev, dtype)
     grid_correct = _grid_correct_cpu if dev.type == "cpu" else _grid_correct_batched
 
     num_classes = w.shape[0]

@@ -20,7 +20,8 @@ import catalogue_fixtures
 from conftest import LTCLI, REPO, cli_env, run_cli
 
 DOC = REPO / "docs" / "errors.md"
-AREAS = {"data spec", "list file", "image", "option", "checkpoint", "features", "head", "τ grid"}
+AREAS = {"data spec", "list file", "image", "option", "checkpoint", "features", "head", "τ grid", "job"}
+PREFIX = {2: "ltcli: error: ", 1: "ltcli: failed: "}  # bad input / the job itself failed
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
@@ -102,8 +103,9 @@ def _check(row: Row, fx: dict[str, str], code: int, out: str, err: str) -> None:
     assert code == row.exit, f"exit {code}, expected {row.exit}; {context}"
     assert "Traceback" not in err, context
     lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("ltcli: error: ")]
+    errors = [line for line in lines if line.startswith(tuple(PREFIX.values()))]
     assert len(errors) == 1 and lines[-1] == errors[0], f"expected one error line, last on stderr; {context}"
+    assert errors[0].startswith(PREFIX[row.exit]), f"expected {PREFIX[row.exit]!r}; {context}"
     assert want in errors[0], f"message lacks {want!r}; {context}"
     assert out == "", f"stdout must stay empty on errors; {context}"
 
@@ -117,7 +119,7 @@ def test_catalogue_is_well_formed():
     for r in ROWS:
         assert r.area in AREAS, f"row {r.num}: unknown area {r.area!r}"
         assert r.message.strip() and r.command.strip(), f"row {r.num}: empty command or message"
-        assert r.exit == 2, f"row {r.num}: bad input exits 2"
+        assert r.exit == (1 if r.area == "job" else 2), f"row {r.num}: bad input exits 2, a failed job 1"
     assert len({(r.command, r.message) for r in ROWS}) == len(ROWS), "duplicate rows"
 
 

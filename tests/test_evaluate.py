@@ -7,7 +7,8 @@ import torch
 from rich.console import Console
 
 from ltcli.errors import LtcliError
-from ltcli.evaluate import compute_metrics, metrics_table, shot_groups, write_per_class_csv
+from ltcli.groups import shot_groups
+from ltcli.metrics import compute_metrics, metrics_table, write_per_class_csv
 
 # Hand-made case. Train counts 150 / 100 / 20 / 19 -> many, medium (100 is not > 100),
 # medium (20 is not < 20), few.

@@ -1,4 +1,4 @@
-"""`ltcli.extract`: backbone -> feature cache, on tiny stand-in models and data (CPU)."""
+"""`ltcli.extraction`: backbone -> feature cache, on tiny stand-in models and data (CPU)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from PIL import Image
 
 from ltcli.data.types import Split
 from ltcli.errors import LtcliError
-from ltcli.extract import Extraction, batch_ranges, extract_split, rank_rows
-from ltcli.features import read_features, shard_path
+from ltcli.extraction import Extraction, extract_split, rank_rows
+from ltcli.inputs import batch_ranges
+from ltcli.cache import read_features, shard_path
 from ltcli.io import exclusive_lock
 from ltcli.models import LTNet
 from ltcli.transforms import augment_batch, normalize_batch
@@ -113,7 +114,7 @@ def test_views_are_seeded_augmentations(tmp_path):
     assert torch.equal(a.features, b.features) and not torch.equal(a.features, c.features)
     assert not torch.equal(a.features[:, 0], a.features[:, 1])
     # view 0 of the first batch is augment_batch with the documented generator
-    from ltcli.extract import _mix
+    from ltcli.inputs import mix_seed as _mix
 
     x = torch.from_numpy(split.images[:16]).permute(0, 3, 1, 2).contiguous()
     g = torch.Generator().manual_seed(_mix(5, 0, 0))
@@ -142,7 +143,7 @@ def _png_split(tmp_path, n=20, bad=()):
 def test_large_image_path_with_a_loader(tmp_path):
     model, split = tiny_model(), _png_split(tmp_path)
     out = extract_split(model, split, tmp_path / "test.h5",
-                        **opts(small=False, size=16, workers=0, gpu_decode=True))
+                        **opts(in_memory=False, size=16, workers=0, gpu_decode=True))
     fs = read_features(out)
     tf = T.test_transform(16)
     x = torch.stack([tf(split.load(i)) for i in range(len(split))])
@@ -151,7 +152,7 @@ def test_large_image_path_with_a_loader(tmp_path):
     torch.testing.assert_close(fs.features, want.half().float(), rtol=0, atol=0)
     assert fs.split == "test" and "CenterCrop" in fs.attrs["transform"]
     # two workers give the same file
-    out2 = extract_split(model, split, tmp_path / "test2.h5", **opts(small=False, size=16, workers=2))
+    out2 = extract_split(model, split, tmp_path / "test2.h5", **opts(in_memory=False, size=16, workers=2))
     assert sha(out) == sha(out2)
 
 
@@ -159,9 +160,9 @@ def test_bad_images_refused_or_skipped(tmp_path):
     model, split = tiny_model(), _png_split(tmp_path, bad=(3, 11))
     for small in (False, True):
         with pytest.raises(LtcliError, match="003.png"):
-            extract_split(model, split, tmp_path / f"x{small}.h5", **opts(small=small, size=16))
+            extract_split(model, split, tmp_path / f"x{small}.h5", **opts(in_memory=small, size=16))
         fs = read_features(extract_split(model, split, tmp_path / f"y{small}.h5",
-                                         **opts(small=small, size=16, skip_bad=True)))
+                                         **opts(in_memory=small, size=16, skip_bad=True)))
         keep = [i for i in range(20) if i not in (3, 11)]
         assert fs.attrs["index"].tolist() == keep
         assert fs.labels.tolist() == [i % C for i in keep]
@@ -205,7 +206,7 @@ JOB = textwrap.dedent(
     torch.set_num_threads(1)
     from ltcli.data.types import Split
     from ltcli.errors import LtcliError
-    from ltcli.extract import extract_split
+    from ltcli.extraction import extract_split
 
     class Tiny(torch.nn.Module):   # no torchvision import: this script starts three times
         def __init__(self):
@@ -311,7 +312,7 @@ def test_big_jpegs_are_extracted_from_a_reduced_scale_decode(tmp_path):
         paths.append(str(p))
     split = Split("test", np.arange(6) % C, paths=paths, keys=[f"{i}.jpg" for i in range(6)])
     model = tiny_model()
-    fs = read_features(extract_split(model, split, tmp_path / "t.h5", **opts(small=False, size=16)))
+    fs = read_features(extract_split(model, split, tmp_path / "t.h5", **opts(in_memory=False, size=16)))
     resize = T.test_resize(16)
     assert split.load(0, draft=resize).size == (40, 30)  # decoded at 1/4 scale
     tf = T.test_transform(16)

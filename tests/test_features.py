@@ -13,8 +13,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from ltcli.errors import LtcliError
-from ltcli.features import (
+from ltcli.errors import JobFailed, LtcliError
+from ltcli.cache import (
     FORMAT_VERSION,
     FeatureSet,
     FeatureWriter,
@@ -218,7 +218,7 @@ def test_disk_full_leaves_an_incomplete_resumable_file(tmp_path, monkeypatch):
         return real(self, key, value)
 
     monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
-    with pytest.raises(LtcliError) as e:
+    with pytest.raises(JobFailed) as e:  # the job failed, not the input: exit 1
         _write(p)
     msg = str(e.value)
     assert "no space left on device" in msg and str(p) in msg and "resume" in msg
@@ -237,7 +237,7 @@ def test_not_enough_space_is_refused_up_front(tmp_path, monkeypatch):
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 10))
-    with pytest.raises(LtcliError, match="not enough disk space"):
+    with pytest.raises(JobFailed, match="not enough disk space"):
         _write(tmp_path / "a.h5")
     assert not (tmp_path / "a.h5").exists()
 

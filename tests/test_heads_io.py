@@ -106,7 +106,7 @@ def _mutate(payload, how):
     ("weight-nan", "'weight' contains NaN"),
     ("dim-type", "'dim' missing or not an integer"),
     ("names", "1 class names for 4 classes"),
-    ("options", "unknown option 'tau'"),
+    ("options", "--tau: does not apply to --method joint"),
     ("provenance", "provenance is not a dict"),
 ])
 def test_malformed_head_files(tmp_path, how, message):

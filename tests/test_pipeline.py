@@ -217,7 +217,7 @@ def test_predict_csv_and_json(pipe, png_folder):
     assert [r["labels"][0] for r in out] == [r[1] for r in body]
 
     # the labels agree with the crt head applied to the cached test features of those images
-    from ltcli.features import read_features
+    from ltcli.cache import read_features
     from ltcli.heads import load_head
 
     head, _ = load_head(run / "heads" / "crt.pt")

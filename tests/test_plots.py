@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ltcli.errors import LtcliError
-from ltcli.evaluate import compute_metrics
+from ltcli.metrics import compute_metrics
 from ltcli.plots import plot_per_class_accuracy, plot_tau_curve, plot_weight_norms
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

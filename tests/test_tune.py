@@ -8,7 +8,7 @@ from rich.console import Console
 
 import ltcli.tune as tune
 from ltcli.errors import LtcliError
-from ltcli.evaluate import compute_metrics
+from ltcli.metrics import compute_metrics
 from ltcli.tune import pick_best, tau_sweep, tau_table
 
 TAUS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0]

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import LtcliError
+from ..io import check_regular_file
 
 _LABEL = re.compile(r"-?[0-9]+")
 _NEWLINE = re.compile(r"\r\n|\n|\r")
@@ -48,6 +49,9 @@ def parse_list_text(text: str, name: str) -> list[ListEntry]:
 
 
 def read_list_file(path: str) -> list[ListEntry]:
+    if os.path.isdir(path):
+        raise LtcliError(f"{path}: is a directory, expected a list file")
+    check_regular_file(path, "list file")
     try:
         with open(path, "rb") as fh:
             data = fh.read()
@@ -80,9 +84,13 @@ def resolve_entry(entry: ListEntry, root: str, list_name: str, allow_outside_roo
     else:
         key = posixpath.normpath(p)
         full = os.path.normpath(os.path.join(root_abs, key))
-    if (key == ".." or key.startswith("../")) and not allow_outside_root:
-        raise LtcliError(
-            f"{list_name}:{entry.lineno}: path {entry.path!r} lies outside the data root {root} "
-            "(use --allow-outside-root to permit it)"
-        )
+    if not allow_outside_root:
+        real, real_root = os.path.realpath(full), os.path.realpath(root_abs)
+        through_link = not (real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep))
+        if key == ".." or key.startswith("../") or through_link:
+            how = " through a symlink" if not (key == ".." or key.startswith("../")) else ""
+            raise LtcliError(
+                f"{list_name}:{entry.lineno}: path {entry.path!r} lies outside the data root {root}{how} "
+                "(use --allow-outside-root to permit it)"
+            )
     return key, full

@@ -33,10 +33,13 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     elif ds.kind == "list":
         src = load_list(ds, cfg.spec, cfg.allow_outside_root)
     elif ds.kind == "inat":
-        src = load_inat(ds, cfg.spec)
+        src = load_inat(ds, cfg.spec, cfg.allow_outside_root)
     else:
         src = load_cifar(ds, cfg.spec)
 
+    if len(src.class_names) < 2:
+        raise LtcliError(f"--data {cfg.spec}: holds {len(src.class_names)} class; long-tailed recognition needs "
+                         "at least 2")
     splits = dict(src.splits)
     train = splits["train"]
     if cfg.val_per_class and "val" in splits:
@@ -54,7 +57,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     else:
         counts = np.bincount(train.labels, minlength=len(src.class_names)).tolist()
         warnings = []
-    ordered = {name: splits[name] for name in ("train", "val", "test") if name in splits}
+    ordered = {name: splits[name].verified(cfg.verify) for name in ("train", "val", "test") if name in splits}
     return Dataset(cfg.spec, src.class_names, ordered, counts, src.native_size, [], warnings)
 
 
@@ -65,6 +68,8 @@ def _load_synthetic(cfg: DataConfig) -> Dataset:
     c, size = cfg.num_classes, cfg.image_size
     if c < 2:
         raise LtcliError(f"--synthetic-classes {c}: synthetic data needs at least 2 classes")
+    if c > 1000:
+        raise LtcliError(f"--synthetic-classes {c}: synthetic data has at most 1000 classes")
     if not 8 <= size <= 256:
         raise LtcliError(f"--synthetic-size {size}: synthetic images must be 8..256 px")
     if cfg.synthetic_max_per_class < 1:

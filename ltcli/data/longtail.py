@@ -51,8 +51,10 @@ def select(
 ) -> Selection:
     """Hold out `val_per_class` images per class, then subsample train to the profile.
 
-    Within each class images are ranked by `rank_keys`: val takes the K lowest ranks, train
-    the next n_i. n_max is the largest class count left after the hold-out."""
+    Within each class images are ranked by `rank_keys`: val takes the K lowest ranks (but
+    never a class's last image: min(K, n_j - 1)), train the next n_i. n_max is the largest
+    class count left after the hold-out; a factor that would leave a class with no train
+    image is refused."""
     labels = np.asarray(labels, dtype=np.int64)
     num_classes = len(class_names)
     if imbalance_factor is not None and not imbalance_factor >= 1:
@@ -60,19 +62,25 @@ def select(
     if val_per_class < 0:
         raise LtcliError(f"--val-per-class {val_per_class}: must be >= 0")
     counts = np.bincount(labels, minlength=num_classes)
-    if val_per_class:
-        short = [c for c in range(num_classes) if counts[c] <= val_per_class]
-        if short:
-            c = short[0]
-            raise LtcliError(
-                f"--val-per-class {val_per_class}: class '{class_names[c]}' has only "
-                f"{counts[c]} train images (val must leave at least one for train)"
-            )
-    avail = counts - val_per_class
+    # val never takes a class's last train image: min(K, n_j - 1) per class
+    val_take = np.clip(np.minimum(val_per_class, counts - 1), 0, None)
+    warnings = [
+        f"class '{class_names[c]}': {val_take[c]} val image(s), not {val_per_class} (it has {counts[c]}; one stays "
+        "for train)"
+        for c in range(num_classes) if val_take[c] < val_per_class
+    ]
+    avail = counts - val_take
     if imbalance_factor is None:
         targets = avail
     else:
-        targets = np.array(longtail_counts(int(avail.max()), num_classes, imbalance_factor))
+        n_max = int(avail.max())
+        targets = np.array(longtail_counts(n_max, num_classes, imbalance_factor))
+        if (targets < 1).any():
+            c = int(np.flatnonzero(targets < 1)[0])
+            raise LtcliError(
+                f"--imbalance-factor {imbalance_factor:g}: leaves class '{class_names[c]}' with no train image "
+                f"(n_max = {n_max}, so the factor can be at most {n_max})"
+            )
 
     # rank of each image within its class: sort by (class, hash); lexsort is stable
     order = np.lexsort((rank_keys(keys, seed), labels))
@@ -80,10 +88,10 @@ def select(
     rank = np.empty(len(labels), dtype=np.int64)
     rank[order] = np.arange(len(labels)) - starts[labels[order]]
 
-    val_mask = rank < val_per_class
-    train_mask = ~val_mask & (rank < val_per_class + targets[labels])
+    val_mask = rank < val_take[labels]
+    train_mask = ~val_mask & (rank < val_take[labels] + targets[labels])
     train_counts = np.minimum(avail, targets).astype(int).tolist()
-    warnings = [
+    warnings += [
         f"class '{class_names[c]}': {avail[c]} train images, fewer than the profile's {targets[c]}"
         for c in range(num_classes)
         if avail[c] < targets[c]

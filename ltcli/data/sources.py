@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LtcliError
+from ..io import check_regular_file
 from .listfile import read_list_file, resolve_entry
 from .spec import LIST_SPLITS, DataSpec
 from .types import Split
@@ -45,11 +46,28 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _list_images(folder: Path) -> list[str]:
-    """Image files under `folder` (recursively), as sorted posix paths relative to it."""
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _list_images(folder: Path, data_root: Path) -> list[str]:
+    """Image files under `folder` (recursively), as sorted posix paths relative to it.
+
+    Symlinks are followed, but one that resolves into the data root outside its own class
+    folder (to another class, another split, the root itself) is refused: it would pull
+    other images into this class. Links to storage outside the data root are fine."""
     found = []
     seen: set[tuple[int, int]] = set()   # (device, inode) of every folder listed: cuts symlink loops
+    own, root = os.path.realpath(folder), os.path.realpath(data_root)
+
+    def check(p: str) -> None:
+        real = os.path.realpath(p)
+        if _inside(real, root) and not _inside(real, own):
+            raise LtcliError(f"{p}: a symlink that leads out of its class folder {folder} (to {real}); "
+                             "it would mix other images into this class")
+
     for dirpath, dirnames, filenames in os.walk(folder, onerror=None, followlinks=True):
+        check(dirpath)
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -63,6 +81,7 @@ def _list_images(folder: Path) -> list[str]:
         rel_dir = os.path.relpath(dirpath, folder)
         for name in filenames:
             if _is_image(name):
+                check(os.path.join(dirpath, name))
                 found.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
     return sorted(found)
 
@@ -93,7 +112,7 @@ def load_imagefolder(ds: DataSpec, spec: str) -> Source:
         for name in _class_dirs(split_dir):
             if name not in index:
                 raise LtcliError(f"{split_dir / name}: class '{name}' is not in {train_dir}")
-            files = _list_images(split_dir / name)
+            files = _list_images(split_dir / name, root)
             if not files:
                 raise LtcliError(
                     f"{split_dir / name}: class folder holds no images ({' '.join(IMAGE_EXTENSIONS)})"
@@ -110,8 +129,9 @@ def load_imagefolder(ds: DataSpec, spec: str) -> Source:
 def _read_class_names(root: Path) -> list[str] | None:
     """Optional ROOT/classnames.txt: line i names class i."""
     path = root / "classnames.txt"
-    if not path.is_file():
+    if not path.exists():
         return None
+    check_regular_file(path, "class names file")
     try:
         names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
@@ -168,6 +188,8 @@ def load_list(ds: DataSpec, spec: str, allow_outside_root: bool) -> Source:
 
 
 def _read_json(path: Path):
+    if path.exists():
+        check_regular_file(path, "JSON file")
     try:
         with open(path, "rb") as fh:
             return json.load(fh)
@@ -179,7 +201,7 @@ def _read_json(path: Path):
         raise LtcliError(f"{path}: not valid JSON ({str(exc)[:100]})") from None
 
 
-def load_inat(ds: DataSpec, spec: str) -> Source:
+def load_inat(ds: DataSpec, spec: str, allow_outside_root: bool = False) -> Source:
     """iNaturalist 2018: ROOT/train2018.json -> train, ROOT/val2018.json -> test.
 
     iNat's own test set has no public labels, so (as in Kang et al.) its val set is the test
@@ -228,9 +250,13 @@ def load_inat(ds: DataSpec, spec: str) -> Source:
             raise LtcliError(f"{path}: malformed images/annotations ({exc!r})") from None
         if not keys:
             raise LtcliError(f"{path}: holds no annotated images")
+        root_real = os.path.realpath(root)
         for key in keys:
             if key == ".." or key.startswith("../") or os.path.isabs(key):
                 raise LtcliError(f"{path}: file_name {key!r} lies outside the data root {ds.root}")
+            if not allow_outside_root and not _inside(os.path.realpath(root / key), root_real):
+                raise LtcliError(f"{path}: file_name {key!r} lies outside the data root {ds.root} through a "
+                                 "symlink (use --allow-outside-root to permit it)")
         labels = np.array(labels, dtype=np.int64)
         if split == "train":
             counts = np.bincount(labels, minlength=len(class_names))

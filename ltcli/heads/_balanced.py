@@ -16,19 +16,21 @@ import torch
 
 from ..errors import LtcliError
 from ..featureset import FeatureSet
-from .base import Opt, Progress, check_finite, source_name
+from ..options import Opt, seed_opt
+from .base import Progress, check_finite, source_name
 
 DEFAULT_LR_PER_512 = 0.2  # official recipe: lr 0.2 at batch 512, scaled linearly with the batch
 
 
 def training_options(weight_decay: float) -> dict[str, Opt]:
     return {
-        "epochs": Opt(10, int, min=1, help="passes of N class-balanced samples"),
-        "lr": Opt(None, float, min=0.0, optional=True, help="initial learning rate (default 0.2 * batch_size / 512)"),
-        "batch_size": Opt(512, int, min=1, help="samples per SGD step"),
-        "weight_decay": Opt(weight_decay, float, min=0.0, help="L2 penalty"),
-        "momentum": Opt(0.9, float, min=0.0, help="SGD momentum"),
-        "seed": Opt(0, int, min=0, help="seed of the initialisation and the sampling"),
+        "epochs": Opt(10, int, "passes of N class-balanced samples", min=1, max=100_000),
+        "lr": Opt(None, float, "initial learning rate (default 0.2 * batch_size / 512), cosine to 0",
+                  positive=True, optional=True),
+        "batch_size": Opt(512, int, "samples per SGD step", min=1, max=1 << 20),
+        "weight_decay": Opt(weight_decay, float, "L2 penalty", min=0.0),
+        "momentum": Opt(0.9, float, "SGD momentum", min=0.0, below=1.0),
+        "seed": seed_opt("seed of the initialisation and the sampling"),
     }
 
 

@@ -6,76 +6,20 @@ rebuilt from that state without pickled objects."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from ..errors import LtcliError
 from ..featureset import FeatureSet
+from ..options import Opt, or_list
+from ..runtime import resolve_device
 
 # float32 elements handled per chunk when scoring, so N x C never needs big temporaries.
 _CPU_CHUNK_ELEMS = 1 << 24
 _GPU_CHUNK_ELEMS = 1 << 26
 
 Progress = Callable[[int, int], None]  # (epochs done, epochs total)
-
-
-@dataclass(frozen=True)
-class Opt:
-    """One head option: its default and what values it accepts."""
-
-    default: Any
-    kind: type  # int, float, bool or str
-    min: float | None = None  # inclusive lower bound for numbers
-    choices: tuple[str, ...] | None = None
-    optional: bool = False  # None allowed (meaning "derive a default")
-    help: str = ""
-
-    def check(self, name: str, value: Any) -> Any:
-        flag = "--" + name.replace("_", "-")
-        if value is None:
-            if self.optional:
-                return None
-            raise LtcliError(f"{flag}: a value is required")
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise LtcliError(f"{flag}: expected true/false, got {value!r}")
-            return value
-        if self.kind is str:
-            if not isinstance(value, str):
-                raise LtcliError(f"{flag}: expected a string, got {value!r}")
-            if self.choices and value not in self.choices:
-                raise LtcliError(f"{flag} {value}: choose from {', '.join(self.choices)}")
-            return value
-        # numbers; bool is an int subclass but never a valid number here
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LtcliError(f"{flag}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise LtcliError(f"{flag}: must be finite, got {value!r}")
-        if self.kind is int:
-            if value != int(value):
-                raise LtcliError(f"{flag}: expected an integer, got {value!r}")
-            value = int(value)
-        else:
-            value = float(value)
-        if self.min is not None and value < self.min:
-            raise LtcliError(f"{flag}: must be >= {self.min:g}, got {value:g}")
-        return value
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """None/'auto' -> cuda when available, else cpu; a missing CUDA device is a usage error."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise LtcliError(f"--device {device}: not a device (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LtcliError(f"--device {device}: no CUDA device is available here")
-    return dev
 
 
 def source_name(fs: FeatureSet) -> str:
@@ -141,11 +85,19 @@ def missing_classes_message(source: str, missing: list[int], names: list[str], w
 
 
 class Head:
-    """Base class; subclasses set `method`, `options_spec` and implement the hooks below."""
+    """Base class; a head module defines a subclass, sets the class attributes below,
+    implements the hooks and registers it with `@register` (ltcli.heads.registry)."""
 
-    method: ClassVar[str] = ""
+    method: ClassVar[str] = ""  # its name: --method, the head file, the table row
+    order: ClassVar[int] = 100  # position in tables and in quickstart (the paper's order first)
+    summary: ClassVar[str] = ""  # one line for --help
     options_spec: ClassVar[dict[str, Opt]] = {}
     needs_classifier: ClassVar[bool] = False  # uses the stage-1 weight/bias of the features file
+    baseline: ClassVar[bool] = False  # the classifier every other head is compared with
+    tunable: ClassVar[bool] = False  # its `tau` option is chosen by `tune-tau` on held-out data
+    linear_form: ClassVar[bool] = False  # scores = x Wᵀ + b for an effective (W, b): exportable
+    shows_weight_norms: ClassVar[bool] = False  # eval --plot draws its per-class ‖w_j‖
+    fast_options: ClassVar[dict[str, Any]] = {}  # options that make a fit quick (tests, smoke runs)
 
     def __init__(self, **options: Any) -> None:
         # `device` is where this process computes, not part of the head: never saved
@@ -160,8 +112,12 @@ class Head:
     def check_options(cls, options: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
         unknown = sorted(set(options) - set(cls.options_spec))
         if unknown:
-            known = ", ".join(cls.options_spec) or "none"
-            raise LtcliError(f"--method {cls.method}: unknown option '{unknown[0]}' (options: {known})")
+            from .registry import HEADS
+
+            flag = "--" + unknown[0].replace("_", "-")
+            users = [m for m, h in HEADS.items() if unknown[0] in h.options_spec]
+            where = f"only to {or_list(users)}" if users else "no head has it"
+            raise LtcliError(f"{flag}: does not apply to --method {cls.method} ({where})")
         merged = dict(base) if base is not None else {k: o.default for k, o in cls.options_spec.items()}
         merged.update(options)
         return {k: cls.options_spec[k].check(k, v) for k, v in merged.items()}

@@ -14,10 +14,17 @@ import torch
 from ..featureset import FeatureSet
 from ._balanced import minus_ones, softmax_minus_onehot, train_balanced, training_options
 from .linear import LinearHead
+from .registry import register
 
 
+@register
 class CRTHead(LinearHead):
     method = "crt"
+    order = 20
+    summary = "classifier re-trained from scratch with class-balanced sampling"
+    linear_form = True
+    shows_weight_norms = True
+    fast_options = {"epochs": 1}
     checks_values_on_device = True  # DeviceRows checks NaN/inf as it copies
     options_spec = training_options(weight_decay=5e-4)
 

@@ -17,14 +17,19 @@ import torch
 from .. import faiss_index
 from ..errors import LtcliError
 from ..featureset import FeatureSet
-from .base import Head, Opt, _CPU_CHUNK_ELEMS, get_tensor, source_name
+from ..options import Opt
+from .base import Head, _CPU_CHUNK_ELEMS, get_tensor, source_name
 from .ncm import _chunks, _normalise, train_mean
+from .registry import register
 
 
+@register
 class KNNHead(Head):
     method = "knn"
+    order = 60
+    summary = "k nearest training features, similarity-weighted votes"
     options_spec = {
-        "k": Opt(10, int, min=1, help="neighbours that vote"),
+        "k": Opt(10, int, "neighbours that vote", min=1, max=10_000),
         "metric": Opt("cosine", str, choices=faiss_index.METRICS, help="cosine or euclidean"),
         "weighting": Opt("distance", str, choices=("distance", "count"), help="vote 1/(1+d) or 1 per neighbour"),
     }

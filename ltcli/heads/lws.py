@@ -12,10 +12,17 @@ import torch
 from ..featureset import FeatureSet
 from ._balanced import minus_ones, softmax_minus_onehot, train_balanced, training_options
 from .linear import LinearHead
+from .registry import register
 
 
+@register
 class LWSHead(LinearHead):
     method = "lws"
+    order = 40
+    summary = "learnable per-class scale of the joint classifier, class-balanced"
+    linear_form = True
+    shows_weight_norms = True
+    fast_options = {"epochs": 1}
     checks_values_on_device = True  # DeviceRows checks NaN/inf as it copies
     options_spec = training_options(weight_decay=0.0)
     needs_classifier = True

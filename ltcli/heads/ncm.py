@@ -15,8 +15,10 @@ import torch
 from .. import faiss_index
 from ..errors import LtcliError
 from ..featureset import FeatureSet
-from .base import (Head, Opt, _CPU_CHUNK_ELEMS, check_finite, get_tensor, mean_views,
+from ..options import Opt
+from .base import (Head, _CPU_CHUNK_ELEMS, check_finite, get_tensor, mean_views,
                    missing_classes_message, source_name)
+from .registry import register
 
 
 def _normalise(x: torch.Tensor) -> torch.Tensor:
@@ -44,8 +46,11 @@ def train_mean(features: torch.Tensor, device: torch.device, source: str) -> tor
     return (total / int(features.shape[0])).to(torch.float32)
 
 
+@register
 class NCMHead(Head):
     method = "ncm"
+    order = 10
+    summary = "nearest class mean of the normalised features"
     options_spec = {"metric": Opt("cosine", str, choices=faiss_index.METRICS, help="cosine or euclidean")}
     checks_values_on_device = True  # train_mean checks NaN/inf in its pass
 

@@ -1,4 +1,5 @@
-"""A full disk (ENOSPC) while saving a checkpoint, writing features or a head: exit 2 with a clear
+"""A full disk (ENOSPC) while saving a checkpoint, writing features or a head: exit 1 (the job
+failed, not the input) with a clear
 one-line message, the previous good files intact, nothing half-written left behind.
 
 The commands run in process (`ltcli.cli.main`). Checkpoints and heads: every temporary file an
@@ -42,8 +43,8 @@ def _hashes(folder: Path) -> dict[str, str]:
 
 def _error_line(result) -> str:
     lines = result.err.strip().splitlines()
-    assert result.code == 2 and lines, result.err
-    assert "Traceback" not in result.err and lines[-1].startswith("ltcli: error: "), result.err
+    assert result.code == 1 and lines, result.err
+    assert "Traceback" not in result.err and lines[-1].startswith("ltcli: failed: "), result.err
     return lines[-1]
 
 
@@ -54,7 +55,7 @@ def test_checkpoint_save_on_a_full_disk(tiny_run, tmp_path, full_disk):
     args = [a for a in map(str, TINY_TRAIN)]
     args[args.index("--epochs") + 1] = "3"     # one more epoch, then its checkpoint save fails
     line = _error_line(run_cli(["train-backbone", "--run", run, *args, "--resume"]))
-    assert line == f"ltcli: error: {run}/backbone-last.pt: no space left on device (nothing was overwritten)"
+    assert line == f"ltcli: failed: {run}/backbone-last.pt: no space left on device (nothing was overwritten)"
     assert _hashes(run) == before and temp_files(run) == []
 
 
@@ -63,9 +64,9 @@ def test_head_save_on_a_full_disk(tiny_pipeline, tmp_path, full_disk):
     before = _hashes(run)
     line = _error_line(run_cli(["fit-head", "--run", run, "--method", "crt", "--epochs", "3", "--seed", "7",
                                 "--device", "cpu"]))
-    assert line == f"ltcli: error: {run}/heads/crt.pt: no space left on device (nothing was overwritten)"
+    assert line == f"ltcli: failed: {run}/heads/crt.pt: no space left on device (nothing was overwritten)"
     line = _error_line(run_cli(["tune-tau", "--run", run, "--split", "val", "--grid", "0,0.3"]))
-    assert line == f"ltcli: error: {run}/heads/tau-norm.pt: no space left on device (nothing was overwritten)"
+    assert line == f"ltcli: failed: {run}/heads/tau-norm.pt: no space left on device (nothing was overwritten)"
     line = _error_line(run_cli(["fit-head", "--run", run, "--method", "ncm", "--out", tmp_path / "new" / "ncm.pt"]))
     assert "ncm.pt: no space left on device" in line
     assert not (tmp_path / "new" / "ncm.pt").exists()
@@ -100,7 +101,7 @@ def test_extraction_on_a_full_disk_then_resume(tiny_pipeline, tmp_path, monkeypa
     with monkeypatch.context() as m:
         _h5_full_disk(m, after_writes=2)
         line = _error_line(run_cli(args))
-    assert line == (f"ltcli: error: {out}: no space left on device after 256 of 728 rows; the file is kept "
+    assert line == (f"ltcli: failed: {out}: no space left on device after 256 of 728 rows; the file is kept "
                     "incomplete: free some space and rerun `ltcli extract` to resume")
     assert {k: v for k, v in _hashes(run).items() if k != "features/train.h5"} == others
     r = run_cli(["fit-head", "--run", run, "--method", "joint"])
@@ -118,5 +119,5 @@ def test_extraction_refused_up_front_when_space_is_short(tiny_pipeline, tmp_path
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
     line = _error_line(run_cli(["extract", "--run", run, "--split", "val", "--device", "cpu", "--workers", "0"]))
-    assert line.startswith(f"ltcli: error: {out}: not enough disk space (")
+    assert line.startswith(f"ltcli: failed: {out}: not enough disk space (")
     assert not out.exists() and not list(out.parent.glob(".val.h5*"))

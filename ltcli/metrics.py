@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from .errors import LtcliError
+from .groups import GROUP_NAMES, shot_groups
 from .io import atomic_path
 
-GROUP_NAMES = ("many", "medium", "few")
 # Rows per chunk when ranking scores for top-5, bounding the N x C temporaries.
 _CHUNK = 4096
 
@@ -31,24 +31,6 @@ def _to_numpy(x: Any, what: str) -> np.ndarray:
         return np.asarray(x)
     except (TypeError, ValueError) as exc:
         raise LtcliError(f"{what}: not an array ({exc})") from None
-
-
-def _check_thresholds(many: float, few: float) -> None:
-    for flag, value in (("--many", many), ("--few", few)):
-        if not (math.isfinite(value) and value >= 0):
-            raise LtcliError(f"{flag} {value:g}: must be a finite number >= 0")
-    if few > many:
-        raise LtcliError(f"--few {few:g} / --many {many:g}: the few-shot threshold must not exceed the many-shot one")
-
-
-def shot_groups(train_counts: Any, many: float = 100, few: float = 20) -> np.ndarray:
-    """Group id per class: 0 many (n > many), 1 medium (few <= n <= many), 2 few (n < few)."""
-    _check_thresholds(many, few)
-    counts = _to_numpy(train_counts, "train_counts").astype(np.int64).reshape(-1)
-    groups = np.ones(counts.shape, dtype=np.int64)
-    groups[counts > many] = 0
-    groups[counts < few] = 2
-    return groups
 
 
 def group_means(per_class_acc: np.ndarray, present: np.ndarray, groups: np.ndarray) -> dict:
