@@ -78,7 +78,8 @@ def _param(name: str, o: Opt, help_prefix: str = "") -> inspect.Parameter:
     flag = o.flag_name(name)
     text = help_prefix + o.help_text()
     if o.argument:
-        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[List[str]],
+        annotation = Optional[List[str]] if o.kind is list else Optional[_TYPES[o.kind]]
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                  default=typer.Argument(None, help=text, show_default=False))
     if o.kind is bool:
         decl, annotation = f"{flag}/--no-{flag[2:]}", Optional[bool]
@@ -166,7 +167,8 @@ def _rundir(path: Path):
 
 # --- the commands --------------------------------------------------------------------------------
 
-from .jobs import evaluate as _evaluate, extract as _extract, fit as _fit  # noqa: E402
+from .jobs import evaluate as _evaluate, extract as _extract, fit as _fit, import_features as _import  # noqa: E402
+from .jobs import export as _export  # noqa: E402
 from .jobs import predict as _predict, quickstart as _quickstart, train as _train, tune as _tune  # noqa: E402
 
 
@@ -258,6 +260,29 @@ Writes reports/eval-SPLIT.json and a per-class CSV; prints the report paths. --j
 def eval_cmd(values, *, run, config, as_json):
     result = _evaluate.run(build_options(_evaluate.EvalOptions, values, config), _rundir(run))
     emit(result["paths"], as_json, result["summary"])
+
+
+@command("import-features", _import.ImportOptions, doc="""Import features computed elsewhere (CLIP, DINOv2,
+any backbone) as a split of a run: every head, tune-tau, eval and info then work on them.
+
+Import --split train first (it fixes the classes, counts and ids), then val and test:
+`ltcli import-features train.npz --run r`, `ltcli import-features val.npy --labels val_labels.npy --split val
+--run r`. Without --classifier the baseline is a linear probe fitted on the train features.""",
+         extra=[RUN_PARAM, CONFIG_PARAM, JSON_PARAM])
+def import_features_cmd(values, *, run, config, as_json):
+    path = _import.run(build_options(_import.ImportOptions, values, config), _rundir(run))
+    emit([path], as_json, {"features": str(path)})
+
+
+@command("export", _export.ExportOptions, doc="""Export backbone + head as one self-contained file: uint8 images
+(or, with --features-only, features) in, class scores out.
+
+A torch.export program (.pt2, `torch.export.load(path).module()`) or ONNX (--format onnx); the
+preprocessing, class names and provenance are recorded inside. Every head with a linear form exports, and
+NCM; kNN cannot (it searches the train features at every query).""", extra=[RUN_PARAM, JSON_PARAM])
+def export_cmd(values, *, run, as_json):
+    path = _export.run(build_options(_export.ExportOptions, values, None), _rundir(run))
+    emit([path], as_json, {"export": str(path)})
 
 
 @app.command("info")

@@ -156,6 +156,7 @@ class Extraction:
         overwrite: bool = False,
         skip_bad: bool = False,
         progress: bool = True,
+        stage1: str = "trained",
     ) -> None:
         self.out = Path(out_path)
         self.device = device = torch.device(device)
@@ -194,6 +195,7 @@ class Extraction:
             "views": views,
             "arch": arch or getattr(model, "arch", "") or "",
             "seed": int(seed),
+            "stage1": stage1 if weight is not None else "none",
         }
         self.common = dict(dim=self.dim, views=views, dtype=dtype, weight=weight, bias=bias)
         self.out_dtype = TORCH_DTYPES[dtype]

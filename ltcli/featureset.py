@@ -32,3 +32,22 @@ class FeatureSet:
     @property
     def views(self) -> int:
         return 1 if self.features.dim() == 2 else int(self.features.shape[1])
+
+
+def feature_set(features, labels, *, class_names=None, train_counts=None, weight=None, bias=None,
+                split: str = "train") -> FeatureSet:
+    """A FeatureSet from arrays (numpy or torch): features N x D (or N x K x D), labels N.
+
+    class_names default to class_0 ...; train_counts to the label counts (pass the train
+    split's counts when building a val or test set); weight / bias: a stage-1 classifier."""
+    import numpy as np
+
+    x = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features)
+    y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).to(torch.int64)
+    c = len(class_names) if class_names is not None else int(y.max()) + 1
+    names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(c)]
+    counts = torch.as_tensor(train_counts if train_counts is not None else torch.bincount(y, minlength=c))
+    w = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    b = None if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+    return FeatureSet(x if x.is_floating_point() else x.float(), y, w, b, names, counts.to(torch.int64), split)
+

@@ -7,6 +7,10 @@ boundary), plus the small nets of the long-tail literature:
     (parameter-free, zero-padded identity) shortcuts. resnet32 is the CIFAR-LT standard
     (0.46M parameters); resnet8 is a fast net for CPU runs on the synthetic data.
   * resnet10: torchvision ResNet(BasicBlock, [1, 1, 1, 1]), 512-d, the paper's ImageNet-LT net.
+  * timm:NAME: any model of timm's registry (its classifier removed: num_classes=0).
+
+Weights (`--weights`): a torchvision weight name (IMAGENET1K_V1, DEFAULT), `pretrained` for
+timm's default weights (both need a hub to download from), or a local file (`ltcli.weights`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torchvision.models.resnet import BasicBlock as TVBasicBlock
 from torchvision.models.resnet import ResNet
 
 from ltcli.errors import LtcliError
+from ltcli.weights import is_weights_file, load_encoder_weights
 
 _CIFAR_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 CUSTOM_ARCHS = (*_CIFAR_DEPTHS, "resnet10")
@@ -37,6 +42,8 @@ class LTNet(nn.Module):
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.arch = arch
+        # False for a backbone ltcli did not train: its fc is a fresh layer, not a stage-1 classifier
+        self.has_classifier = True
 
     def features(self, x: Tensor) -> Tensor:
         return self.encoder(x).flatten(1)
@@ -112,9 +119,18 @@ def _torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def available_archs() -> list[str]:
-    """Every name build_model accepts: the custom nets first, then torchvision's (sorted)."""
-    return list(CUSTOM_ARCHS) + sorted(set(_torchvision_names()) - set(CUSTOM_ARCHS))
+TIMM_PREFIX = "timm:"
+
+
+def available_archs(timm: bool = False) -> list[str]:
+    """Every name build_model accepts: the custom nets first, then torchvision's (sorted), then
+    (timm=True) timm's as timm:NAME."""
+    names = list(CUSTOM_ARCHS) + sorted(set(_torchvision_names()) - set(CUSTOM_ARCHS))
+    if timm:
+        import timm as _timm
+
+        names += [TIMM_PREFIX + n for n in _timm.list_models()]
+    return names
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -122,8 +138,8 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
 
 
-def _strip_classifier(model: nn.Module, arch: str) -> int:
-    """Replace the final classifier by Identity in place; return the feature dim D."""
+def _strip_classifier(model: nn.Module, arch: str) -> tuple[int, str]:
+    """Replace the final classifier by Identity in place; (feature dim D, its module name)."""
     # Auxiliary heads (googlenet, inception_v3) would make the training-mode output a tuple.
     if hasattr(model, "aux_logits"):
         model.aux_logits = False
@@ -134,7 +150,7 @@ def _strip_classifier(model: nn.Module, arch: str) -> int:
         # Its classifier is a 1x1 conv to C channels; the feature is the pooled 512-d input.
         dim = model.classifier[1].in_channels
         model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        return dim
+        return dim, "classifier"
     # Classifiers are registered last in every torchvision model (fc, classifier, heads, head),
     # so the last nn.Linear in registration order is the one that gives the logits.
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -142,7 +158,7 @@ def _strip_classifier(model: nn.Module, arch: str) -> int:
         raise LtcliError(f"--arch {arch}: cannot find its classifier layer to replace")
     name, last = linears[-1]
     _set_submodule(model, name, nn.Identity())
-    return last.in_features
+    return last.in_features, name
 
 
 def _dummy_side(arch: str, weights) -> int:
@@ -173,7 +189,7 @@ def _verify_dim(encoder: nn.Module, dim: int, side: int, arch: str) -> None:
 def _build_torchvision(arch: str, weights: str | None) -> tuple[nn.Module, int]:
     enum = torchvision.models.get_model_weights(arch)
     w = None
-    if weights is not None:
+    if weights is not None and not is_weights_file(weights):
         try:
             w = enum.verify(weights)
         except (KeyError, ValueError, TypeError):
@@ -192,9 +208,38 @@ def _build_torchvision(arch: str, weights: str | None) -> tuple[nn.Module, int]:
             f"{str(e).splitlines()[0] if str(e) else 'no detail'}); download them where there is a "
             f"network into {torch.hub.get_dir()}/checkpoints"
         ) from None
-    dim = _strip_classifier(model, arch)
+    dim, classifier = _strip_classifier(model, arch)
+    if is_weights_file(weights):
+        load_encoder_weights(model, weights, arch, classifier)
     _verify_dim(model, dim, _dummy_side(arch, w), arch)
     return model, dim
+
+
+def _build_timm(name: str, arch: str, weights: str | None) -> tuple[nn.Module, int]:
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=1)
+        hint = f"; did you mean timm:{close[0]}?" if close else ""
+        raise LtcliError(f"--arch {arch}: unknown timm model{hint} (`ltcli archs --timm` lists them)")
+    pretrained = weights is not None and not is_weights_file(weights)
+    if pretrained and weights not in ("pretrained", "DEFAULT"):
+        raise LtcliError(f"--weights {weights}: for a timm model give 'pretrained' (timm's default weights) or "
+                         "a local weights file")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0)
+    except Exception as exc:  # hub and network errors come in many types
+        if not pretrained:
+            raise LtcliError(f"--arch {arch}: timm cannot build it ({str(exc).splitlines()[0][:120]})") from None
+        raise LtcliError(
+            f"--weights {weights}: timm could not fetch {name}'s pretrained weights from the hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else 'no detail'}); without a "
+            "network, download them elsewhere and pass the file with --weights PATH"
+        ) from None
+    if is_weights_file(weights):
+        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        load_encoder_weights(model, weights, arch, classifier)
+    return model, int(model.num_features)
 
 
 def check_input_size(model: nn.Module, size: int, arch: str) -> None:
@@ -233,14 +278,19 @@ def build_model(arch: str, num_classes: int, weights: str | None = None, seed: i
 
 
 def _build(name: str, arch: str, num_classes: int, weights: str | None) -> LTNet:
-    if name in CUSTOM_ARCHS:
-        if weights is not None:
+    if name.startswith(TIMM_PREFIX):
+        encoder, dim = _build_timm(arch.strip()[len(TIMM_PREFIX):], arch, weights)
+        name = TIMM_PREFIX + arch.strip()[len(TIMM_PREFIX):]
+    elif name in CUSTOM_ARCHS:
+        if weights is not None and not is_weights_file(weights):
             raise LtcliError(f"--weights {weights}: {name} has no pretrained weights (only torchvision models do)")
         if name == "resnet10":
             encoder, dim = _resnet10()
         else:
             encoder = CifarResNet(_CIFAR_DEPTHS[name])
             dim = encoder.feature_dim
+        if is_weights_file(weights):
+            load_encoder_weights(encoder, weights, arch, "fc")
     elif name in _torchvision_names():
         encoder, dim = _build_torchvision(name, weights)
     else:

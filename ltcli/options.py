@@ -85,8 +85,9 @@ class Opt:
                 value = int(value)
         else:
             value = float(value)
-        if not self._within(value):
-            raise LtcliError(f"{flag} {value}: {self.rule or self._phrase()}")
+        bounded = self.positive or any(b is not None for b in (self.min, self.max, self.below))
+        if bounded and not self._within(value):
+            raise LtcliError(f"{flag} {value}: {self.rule or self._phrase(value)}")
         return value
 
     def _within(self, v: float) -> bool:
@@ -95,19 +96,24 @@ class Opt:
         return not ((self.positive and not v > 0) or (self.min is not None and v < self.min)
                     or (self.max is not None and v > self.max) or (self.below is not None and v >= self.below))
 
-    def _phrase(self) -> str:
+    def _phrase(self, value) -> str:
+        """What the value must be, for the bound it breaks."""
         def fmt(v):
             return str(int(v)) if self.kind is int else f"{v:g}"
 
         lo = "0" if self.positive else (None if self.min is None else fmt(self.min))
+        too_high = math.isfinite(value) and ((self.max is not None and value > self.max)
+                                             or (self.below is not None and value >= self.below))
+        if self.kind is int:
+            if too_high:
+                return f"must be at most {fmt(self.max)}"
+            return f"must be at least {lo}" if self.min and self.min >= 1 else f"must be >= {lo}"
         if self.below is not None or self.max is not None:
             left = "(" if self.positive else "["
             right = f"{fmt(self.below)})" if self.below is not None else f"{fmt(self.max)}]"
             return f"must be in {left}{lo}, {right}"
         if self.positive:
             return "must be positive"
-        if self.kind is int:
-            return f"must be at least {lo}" if self.min and self.min >= 1 else f"must be >= {lo}"
         return f"must be a finite number >= {lo}"
 
     def help_text(self) -> str:

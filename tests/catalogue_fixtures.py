@@ -185,6 +185,7 @@ def build(base: Path, run: Path) -> dict[str, str]:
             shape, dtype = (0,) + f[k].shape[1:], f[k].dtype
             del f[k]
             f.create_dataset(k, shape=shape, dtype=dtype)
+        f.attrs["rows_done"] = np.int64(0)
     fx["nan_h5"] = _h5_copy(feats / "train.h5", base / "nan.h5")
     with h5py.File(fx["nan_h5"], "r+") as f:
         f["features"][3, 0] = np.nan

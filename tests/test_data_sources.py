@@ -108,7 +108,7 @@ def test_selection_is_stable_on_subsets(tmp_path):
     sub = tmp_path / "sub"
     for key in ds.split("train").keys + ds.split("val").keys:
         (sub / "train" / key).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(full / "train" / key, sub / "train" / key)
+        shutil.copy2(full / "train" / key, sub / "train" / key)  # same size and time: same fingerprint
     ds_sub = load(f"imagefolder:{sub}", **cfg)
     assert ds_sub.train_counts == ds.train_counts
     for name in ("train", "val"):
@@ -143,8 +143,12 @@ def test_short_class_keeps_what_it_has_and_warns(tmp_path):
 
 def test_selection_option_errors(tmp_path):
     root = make_imagefolder(tmp_path / "d", {"big": 6, "small": 2})
-    with pytest.raises(LtcliError, match=r"^--val-per-class 2: class 'small' has only 2 train images"):
-        load(f"imagefolder:{root}", val_per_class=2)
+    ds = load(f"imagefolder:{root}", val_per_class=2)  # val never takes a class's last image
+    assert ds.train_counts == [4, 1] and len(ds.split("val")) == 3
+    assert any("'small'" in w and "one stays for train" in w for w in ds.warnings)
+    with pytest.raises(LtcliError, match=r"^--imbalance-factor 7: leaves class 'small' with no train image "
+                                         r"\(n_max = 6, so the factor can be at most 6\)"):
+        load(f"imagefolder:{root}", imbalance_factor=7)
     for bad in (0.5, 0, -3, float("nan")):
         with pytest.raises(LtcliError, match=r"^--imbalance-factor .*must be a finite number >= 1"):
             load(f"imagefolder:{root}", imbalance_factor=bad)
@@ -299,7 +303,7 @@ def test_inat_errors(tmp_path):
 # ---- Split.load on bad files ---------------------------------------------------------------
 
 def test_load_names_a_corrupt_or_missing_file(tmp_path):
-    root = make_imagefolder(tmp_path / "d", {"a": 3})
+    root = make_imagefolder(tmp_path / "d", {"a": 3, "b": 1})
     bad = root / "train" / "a" / "img001.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     trunc = root / "train" / "a" / "img002.png"

@@ -329,10 +329,12 @@ def test_other_hdf5_and_newer_format_are_refused(tmp_path):
 def test_existing_non_feature_file_is_not_clobbered(tmp_path):
     p = tmp_path / "a.h5"
     p.write_bytes(b"precious")
-    with pytest.raises(LtcliError, match="--overwrite"):
-        _write(p)
-    assert p.read_bytes() == b"precious"
-    _write(p, overwrite=True)
+    for overwrite in (False, True):  # not even with --overwrite: it is not a features file
+        with pytest.raises(LtcliError, match="exists and is not a features file"):
+            _write(p, overwrite=overwrite)
+        assert p.read_bytes() == b"precious"
+    p.unlink()
+    _write(p)
     read_features(p)
 
 

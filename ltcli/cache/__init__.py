@@ -13,10 +13,10 @@ from .compat import check_cache_options, check_compatible, check_same_source
 from .info import info, info_table
 from .reader import read_attrs, read_features
 from .schema import ATTRS, DTYPES, FORMAT_VERSION, open_h5, shard_path
-from .writer import FeatureWriter
+from .writer import FeatureWriter, rewrite_with_classifier
 
 __all__ = [
     "ATTRS", "DTYPES", "FORMAT_VERSION", "FeatureSet", "FeatureWriter", "check_cache_options",
     "check_compatible", "check_same_source", "info", "info_table", "open_h5", "read_attrs",
-    "read_features", "shard_path",
+    "read_features", "rewrite_with_classifier", "shard_path",
 ]

@@ -28,7 +28,7 @@ from ..console import err_console
 from ..errors import JobFailed, LtcliError
 from ..io import exclusive_lock, fsync_dir, fsync_file
 from .compat import check_cache_options
-from .schema import (CACHE_BYTES, CHUNK_BYTES, DTYPES, IDENTITY, WRITER_KEPT, first_line, h5_reason, is_enospc,
+from .schema import (ATTRS, CACHE_BYTES, CHUNK_BYTES, DTYPES, IDENTITY, WRITER_KEPT, first_line, h5_reason, is_enospc,
                      is_true, job_attrs, open_h5, plain, short)
 
 
@@ -208,7 +208,8 @@ class FeatureWriter:
         try:
             complete = is_true(f.attrs.get("complete", False))
             diff = self._mismatch(f) if "rows_done" in f.attrs else ("rows_done", None, "present")
-            self._found_rows = _bounded_int(f.attrs.get("rows_done", 0), self.rows, "rows_done", path)
+            file_rows = int(f["features"].shape[0]) if "features" in f and f["features"].ndim else 0
+            self._found_rows = _bounded_int(f.attrs.get("rows_done", 0), file_rows, "rows_done", path)
             self._found_batch = _bounded_int(f.attrs.get("batch_size", self.batch_size), 1 << 30, "batch_size", path,
                                              low=1)
             self._found_chain = plain(f.attrs.get("rows_sha256", ""))
@@ -517,3 +518,27 @@ class FeatureWriter:
         if exc_type is None and not self._finished and not self.reused:
             # left without finish(): the file stays incomplete and resumable
             pass
+
+
+def rewrite_with_classifier(path: Path, weight: torch.Tensor, bias: torch.Tensor | None, stage1: str) -> Path:
+    """Give a complete feature file a stage-1 classifier (for a backbone ltcli did not train, the
+    linear probe): the rows are copied into a new file, renamed over the old one when complete,
+    so a crash leaves the old file intact."""
+    from .reader import read_attrs
+
+    attrs = read_attrs(path)
+    kept = {a.name for a in ATTRS if not a.writer and not a.shard}
+    job = {k: v for k, v in attrs.items() if k in kept}
+    job["stage1"] = stage1
+    with open_h5(path) as f:
+        feats = f["features"]
+        labels, index = np.asarray(f["labels"][()]), np.asarray(f["index"][()])
+        dtype = "float16" if feats.dtype == np.float16 else "float32"
+        batch = int(attrs.get("batch_size") or 256)
+        with FeatureWriter(path, rows=feats.shape[0], dim=feats.shape[-1], labels=labels, index=index, attrs=job,
+                           views=int(attrs["views"]), dtype=dtype, weight=weight, bias=bias, batch_size=batch,
+                           overwrite=True, quiet=True) as w:
+            for s, e in _grid(w.rows_done, w.rows, w.batch_size):
+                w.write(s, np.asarray(feats[s:e]))
+            w.finish()
+    return path

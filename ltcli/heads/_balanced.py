@@ -31,6 +31,8 @@ def training_options(weight_decay: float) -> dict[str, Opt]:
         "weight_decay": Opt(weight_decay, float, "L2 penalty", min=0.0),
         "momentum": Opt(0.9, float, "SGD momentum", min=0.0, below=1.0),
         "seed": seed_opt("seed of the initialisation and the sampling"),
+        "sampling": Opt("class", str, "class: class-balanced (the paper's); instance: every sample once per epoch "
+                        "(a linear probe)", choices=("class", "instance")),
     }
 
 
@@ -76,9 +78,11 @@ class BalancedStream:
     Drawn with NumPy on the CPU: single-threaded vector ops are fastest for ~1e5 draws,
     and the stream is the same whichever device trains on it."""
 
-    def __init__(self, labels: torch.Tensor, num_classes: int, views: int, rng: np.random.Generator) -> None:
+    def __init__(self, labels: torch.Tensor, num_classes: int, views: int, rng: np.random.Generator,
+                 balanced: bool = True) -> None:
         labels = labels.to("cpu", torch.int64).numpy()
-        self.n, self.views, self.rng = int(labels.size), views, rng
+        self.n, self.views, self.rng, self.balanced = int(labels.size), views, rng, balanced
+        self.labels = labels
         self.counts = np.bincount(labels, minlength=num_classes)
         self.present = np.flatnonzero(self.counts)  # empty classes are never drawn
         self.starts = np.cumsum(self.counts) - self.counts
@@ -87,6 +91,10 @@ class BalancedStream:
     def epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row ids into the (N·K) x D matrix, their labels), both int64 of length N."""
         m, rng = self.n, self.rng
+        if not self.balanced:  # instance sampling: every sample once per epoch, shuffled
+            ids = rng.permutation(m)
+            rows = ids * self.views + (rng.integers(self.views, size=m) if self.views > 1 else 0)
+            return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(self.labels[ids])
         cls = self.present[rng.integers(len(self.present), size=m)]
         cnt = self.counts[cls]
         off = np.minimum((rng.random(m) * cnt).astype(np.int64), cnt - 1)
@@ -164,7 +172,8 @@ def train_balanced(train: FeatureSet, step: StepFn, options: dict, device: torch
     the sample stream is seeded by options['seed']."""
     rows = DeviceRows(train.features, device, source_name(train))
     rng = np.random.default_rng(options["seed"])
-    stream = BalancedStream(train.labels, train.num_classes, train.views, rng)
+    stream = BalancedStream(train.labels, train.num_classes, train.views, rng,
+                            balanced=options.get("sampling", "class") == "class")
     epochs, bs, lr0 = options["epochs"], options["batch_size"], effective_lr(options)
     full, rest = divmod(stream.n, bs)
     per_epoch = full + (rest > 0)

@@ -161,19 +161,20 @@ class Head:
         if values:
             check_finite(train.features, src)
         if self.needs_classifier:
-            if train.weight is None:
-                raise LtcliError(
-                    f"{src}: has no stage-1 classifier (weight), needed by --method {self.method}"
-                )
-            if tuple(train.weight.shape) != (c, d):
-                raise LtcliError(
-                    f"{src}: stage-1 classifier is {tuple(train.weight.shape)}, expected C x D = ({c}, {d})"
-                )
-            if train.bias is not None and tuple(train.bias.shape) != (c,):
-                raise LtcliError(f"{src}: stage-1 bias has shape {tuple(train.bias.shape)}, expected ({c},)")
-            check_finite(train.weight, src, "stage-1 classifier weights")
-            if train.bias is not None:
-                check_finite(train.bias.reshape(c, 1), src, "stage-1 classifier biases")
+            self._check_classifier(train)
+
+    def _check_classifier(self, train: FeatureSet) -> None:
+        """The stage-1 classifier of the features: present, C x D, finite."""
+        src, c, d = source_name(train), train.num_classes, train.dim
+        if train.weight is None:
+            raise LtcliError(f"{src}: has no stage-1 classifier (weight), needed by --method {self.method}")
+        if tuple(train.weight.shape) != (c, d):
+            raise LtcliError(f"{src}: stage-1 classifier is {tuple(train.weight.shape)}, expected C x D = ({c}, {d})")
+        if train.bias is not None and tuple(train.bias.shape) != (c,):
+            raise LtcliError(f"{src}: stage-1 bias has shape {tuple(train.bias.shape)}, expected ({c},)")
+        check_finite(train.weight, src, "stage-1 classifier weights")
+        if train.bias is not None:
+            check_finite(train.bias.reshape(c, 1), src, "stage-1 classifier biases")
 
     def _fit(self, train: FeatureSet, device: torch.device, progress: Progress | None) -> None:
         raise NotImplementedError
@@ -204,6 +205,10 @@ class Head:
             out[start : start + x.shape[0]] = self._logits_chunk(x, dev).to("cpu", torch.float32)
         return out
 
+    def predict(self, feats: torch.Tensor, *, device: str | torch.device | None = None) -> torch.Tensor:
+        """N class indices: the argmax of `logits` (ties to the lower class)."""
+        return self.logits(feats, device=device).argmax(dim=1)
+
     def logits_for(self, fs: FeatureSet, *, device: str | torch.device | None = None) -> torch.Tensor:
         """logits() for a FeatureSet, after checking its classes match the head's."""
         src = source_name(fs)
@@ -221,6 +226,11 @@ class Head:
 
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """The effective (weight C x D, bias C or None) for linear heads, else None."""
+        return None
+
+    def scoring_module(self) -> torch.nn.Module | None:
+        """A torch module mapping N x D float32 features to these N x C scores (for export), or
+        None when the head has no fixed scoring function."""
         return None
 
     def weight_norms(self) -> torch.Tensor | None:

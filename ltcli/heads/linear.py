@@ -8,6 +8,18 @@ from ..featureset import FeatureSet
 from .base import Head, get_tensor
 
 
+class LinearScores(torch.nn.Module):
+    """x Wᵀ + b, as the head scores a chunk (an exportable module)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_t", weight.detach().to(torch.float32).t().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
+
+
 class LinearHead(Head):
     """A head that keeps a weight W (C x D), an optional bias b (C) and, per subclass, a few
     more per-class vectors (`extra_state`); `_effective()` gives the (W, b) it scores with."""
@@ -37,6 +49,10 @@ class LinearHead(Head):
     def linear(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._require_fitted()
         return self._effective()
+
+    def scoring_module(self) -> torch.nn.Module:
+        w, b = self.linear()
+        return LinearScores(w, b)
 
     def _reset_cache(self) -> None:
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}

@@ -46,6 +46,26 @@ def train_mean(features: torch.Tensor, device: torch.device, source: str) -> tor
     return (total / int(features.shape[0])).to(torch.float32)
 
 
+class NCMScores(torch.nn.Module):
+    """The NCM scores in plain torch (an exportable module): cosine similarity to the normalised
+    class means, or minus the squared distance to them, of the centred, normalised feature."""
+
+    def __init__(self, mean: torch.Tensor, class_means: torch.Tensor, metric: str):
+        super().__init__()
+        self.register_buffer("mean", mean.detach().to(torch.float32))
+        self.register_buffer("means_t", class_means.detach().to(torch.float32).t().contiguous())
+        self.register_buffer("sq_norms", class_means.detach().to(torch.float32).pow(2).sum(1))
+        self.cosine = metric == "cosine"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = x - self.mean
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        dots = q @ self.means_t
+        if self.cosine:
+            return dots
+        return 2 * dots - q.pow(2).sum(1, keepdim=True) - self.sq_norms
+
+
 @register
 class NCMHead(Head):
     method = "ncm"
@@ -80,6 +100,9 @@ class NCMHead(Head):
         if self.options["metric"] == "euclidean":
             np.negative(scores, out=scores)  # higher = better
         return torch.from_numpy(scores)
+
+    def scoring_module(self) -> torch.nn.Module:
+        return NCMScores(self.mean, self.class_means, self.options["metric"])
 
     def _state(self) -> dict:
         return {"mean": self.mean, "class_means": self.class_means}

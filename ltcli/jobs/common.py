@@ -65,6 +65,48 @@ def run_info_base(created_by: str) -> dict[str, Any]:
             "environment": environment()}
 
 
+def dataset_run_info(created_by: str, dataset, data_cfg, *, arch: str, feature_dim: int) -> dict[str, Any]:
+    """The run.json fields every run has: the data, its classes and counts, fingerprints."""
+    import dataclasses
+
+    from ..rundir import dataset_id
+
+    info = run_info_base(created_by)
+    counts = list(map(int, dataset.train_counts))
+    info.update({
+        "data": dataclasses.asdict(data_cfg),
+        "arch": arch,
+        "num_classes": dataset.num_classes,
+        "feature_dim": int(feature_dim),
+        "class_names": list(dataset.class_names),
+        "train_counts": counts,
+        "splits": {name: len(s) for name, s in dataset.splits.items()},
+        "fingerprints": {name: s.fingerprint() for name, s in dataset.splits.items()},
+        "skipped_images": list(dataset.skipped),
+    })
+    info["dataset_id"] = dataset_id(data_cfg.spec, info["class_names"], counts, info["fingerprints"]["train"])
+    return info
+
+
+def run_backbone(run_dir: RunDir, info: dict, checkpoint: Path | None = None):
+    """(model, checkpoint path) of a run's backbone: --checkpoint, RUN/backbone.pt, or the
+    weights file a run of a backbone ltcli did not train records (extract --arch)."""
+    from ..checkpoint import load_backbone, model_from_checkpoint
+    from ..models import build_model
+
+    foreign = info.get("backbone") if isinstance(info.get("backbone"), dict) else None
+    if checkpoint is None and not run_dir.backbone.exists() and foreign:
+        path = Path(foreign["checkpoint"])
+        model = build_model(foreign["arch"], len(info["class_names"]), weights=str(path))
+        model.has_classifier = False
+        return model, path
+    path = Path(checkpoint or run_dir.backbone)
+    if not path.exists() and checkpoint is None and info.get("arch") == "imported":
+        raise LtcliError(f"{run_dir.root}: its features were imported; there is no backbone to run images "
+                         "through (use --features-only)")
+    return model_from_checkpoint(load_backbone(path), path), path
+
+
 def input_path(value: str | Path | None, what: str, default: Path) -> Path:
     """An input path option: given, '-' (one path from stdin), or the run's default."""
     if value is None:

@@ -17,7 +17,6 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..checkpoint import load_backbone, model_from_checkpoint
 from ..console import err_console
 from ..data import IMAGE_EXTENSIONS, Split
 from ..errors import LtcliError
@@ -26,6 +25,7 @@ from ..inputs import forward_features, input_size, open_source, prepare_model, r
 from ..io import stdin_lines
 from ..options import Options, opt
 from ..rundir import RunDir, file_sha256
+from .common import run_backbone
 from ..runtime import AMP_HELP, DEVICE_HELP, amp_dtype, resolve_device
 
 CHUNK = 1024  # images decoded, scored and printed at a time
@@ -91,8 +91,7 @@ class Predictor:
 
     def __init__(self, opts: PredictOptions, run_dir: RunDir):
         info = run_dir.read()
-        ckpt_path = Path(opts.checkpoint or run_dir.backbone)
-        ckpt = load_backbone(ckpt_path)
+        model, ckpt_path = run_backbone(run_dir, info, opts.checkpoint)
         head_name = opts.head or default_head(run_dir)
         head_path = Path(head_name) if head_name.endswith(".pt") else run_dir.head(head_name)
         self.head, prov = load_head(head_path)
@@ -100,7 +99,7 @@ class Predictor:
             raise LtcliError(f"{head_path} was fitted on features of another backbone than {ckpt_path}")
         self.opts, self.device = opts, resolve_device(opts.device)
         self.amp = amp_dtype(opts.amp, self.device)
-        self.model = prepare_model(model_from_checkpoint(ckpt, ckpt_path), self.device)
+        self.model = prepare_model(model, self.device)
         self.size, self.in_memory = input_size(None, info.get("image_size"))  # as the run trained
         # the features the head saw were stored in this dtype: round to it, as the cache did
         self.feature_dtype = getattr(torch, str(prov.get("feature_dtype") or "float16"), torch.float16)

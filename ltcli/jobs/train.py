@@ -26,12 +26,12 @@ from ..mixing import LOSSES, log_prior
 from ..inputs import input_size, probe_native_size
 from ..models import build_model, check_input_size
 from ..options import SEED_RULE, Options, opt
-from ..rundir import RunDir, dataset_id, file_sha256
+from ..rundir import RunDir, file_sha256
 from ..runtime import (AMP_HELP, DEVICE_HELP, amp_dtype, init_distributed, local_device, resolve_device,
                        seed_everything, shutdown_distributed)
 from ..sampling import LongTailSampler, strategy_q
 from ..trainer import TrainImages, epoch_line, evaluate_model, make_optimizer, train_one_epoch
-from .common import environment, log_event, run_info_base
+from .common import dataset_run_info, environment, log_event
 
 DATA_HELP = ("Dataset: synthetic (built-in), imagefolder:ROOT, list:ROOT:TRAIN.txt[,VAL.txt[,TEST.txt]], "
              "inat:ROOT, cifar10, cifar100.")
@@ -151,26 +151,15 @@ def check_run_dir(run: RunDir, opts: TrainOptions, resume: bool, overwrite: bool
 
 
 def _run_info(opts: TrainOptions, dataset, model, data_cfg: DataConfig) -> dict:
-    train_counts = list(map(int, dataset.train_counts))
-    info = run_info_base("train-backbone")
+    info = dataset_run_info("train-backbone", dataset, data_cfg, arch=opts.arch, feature_dim=model.feature_dim)
     info.update({
-        "data": dataclasses.asdict(data_cfg),
-        "arch": opts.arch,
         "weights": opts.weights,
-        "num_classes": dataset.num_classes,
-        "feature_dim": int(model.feature_dim),
-        "class_names": list(dataset.class_names),
-        "train_counts": train_counts,
-        "splits": {name: len(s) for name, s in dataset.splits.items()},
-        "fingerprints": {name: s.fingerprint() for name, s in dataset.splits.items()},
         "sampling": opts.sampling,
         "sampling_q": strategy_q(opts.sampling, opts.sampling_q),  # progressive: the end point
         "seed": opts.seed,
         "train_config": opts.identity(),
         "options": opts.to_dict(),
-        "skipped_images": list(dataset.skipped),
     })
-    info["dataset_id"] = dataset_id(data_cfg.spec, info["class_names"], train_counts, info["fingerprints"]["train"])
     return info
 
 

@@ -42,13 +42,28 @@ def test_kill_then_rerun_is_byte_identical(tiny_run, tiny_pipeline, tmp_path):
     assert sha256(out) == sha256(reference)
 
 
-def test_second_extract_on_the_same_file_is_refused(tiny_run, tiny_pipeline, tmp_path):
+def test_second_extract_into_the_run_waits_for_the_first(tiny_run, tiny_pipeline, tmp_path):
+    """Two extractions into one run: the second waits for the run's lock, then reuses the file."""
     run = _fresh_run(tiny_run, tmp_path)
     out = run / "features" / "train.h5"
-    job = Job("extract", "--run", run, *EXTRACT, LTCLI_TEST_SLOW_CHUNK="0.5")
+    job = Job("extract", "--run", run, *EXTRACT, LTCLI_TEST_SLOW_CHUNK="3")
+    job.wait_for(r"ltcli-test: rows_done=128$")
+    second = Job("extract", "--run", run, *EXTRACT)
+    second.wait_for(r"waiting for ltcli process \d+")
+    assert job.finish() == 0, job.stderr
+    assert second.finish() == 0, second.stderr
+    assert f"reusing {out}" in " ".join(second.stderr.split())
+    assert sha256(out) == sha256(tiny_pipeline / "features" / "train.h5")
+
+
+def test_second_writer_of_one_file_is_refused(tiny_run, tiny_pipeline, tmp_path):
+    """Two runs writing one --out file: the file's own lock refuses the second at once."""
+    runs = [copy_run(tiny_run["run"], tmp_path / f"run{i}") for i in range(2)]
+    out = tmp_path / "shared.h5"
+    job = Job("extract", "--run", runs[0], *EXTRACT, "--out", out, LTCLI_TEST_SLOW_CHUNK="0.5")
     job.wait_for(r"ltcli-test: rows_done=128$")
     for extra in ([], ["--overwrite"]):
-        second = run_cli(["extract", "--run", run, *EXTRACT, *extra])
+        second = run_cli(["extract", "--run", runs[1], *EXTRACT, "--out", out, *extra])
         assert second.code == 2, second.err
         assert f"{out}: another ltcli process is writing this file" in second.err.strip().splitlines()[-1]
     assert job.finish() == 0, job.stderr

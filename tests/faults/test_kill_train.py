@@ -53,10 +53,12 @@ def test_kill_while_a_checkpoint_is_renamed_then_resume(tiny_run, tmp_path):
     assert_same_weights(run / "backbone.pt", tiny_run["run"] / "backbone.pt")
 
 
-def test_kill_in_the_first_epoch_leaves_nothing_to_resume(tmp_path):
-    run = tmp_path / "run"
-    _train_until(run, r"ltcli-test: epoch=0 step=1\b", LTCLI_TEST_STEP_DELAY="0.2")
-    proc = run_ltcli("train-backbone", "--run", run, *TINY_TRAIN, "--resume", expect=2)
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"ltcli: error: --resume: {run}/backbone-last.pt not found")
-    # and the run can be restarted with --overwrite
-    assert not (run / "backbone.pt").exists()
+def test_kill_before_the_first_checkpoint_then_resume_or_rerun(tiny_run, tmp_path):
+    """Killed in epoch 1 (run.json written, no checkpoint yet): --resume starts from epoch 0 and
+    a plain rerun takes the run over; both end with the uninterrupted run's weights."""
+    for how in (["--resume"], []):
+        run = tmp_path / f"run{len(how)}"
+        _train_until(run, r"ltcli-test: epoch=0 step=1\b", LTCLI_TEST_STEP_DELAY="0.2")
+        assert (run / "run.json").exists() and not (run / "backbone-last.pt").exists()
+        run_ltcli("train-backbone", "--run", run, *TINY_TRAIN, *how)
+        assert_same_weights(run / "backbone.pt", tiny_run["run"] / "backbone.pt")
