@@ -32,7 +32,7 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
             return dict(load_file(str(path)))
     except ValueError as exc:
-        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+        if any(s in str(exc) for s in ("allow_pickle", "Object arrays", "Python objects")):
             raise LtcliError(f"{path}: holds an object (ragged or pickled) array; expected numeric arrays") from None
         raise LtcliError(f"{path}: not a valid {suffix} file ({str(exc).splitlines()[0][:120]})") from None
     except (OSError, EOFError, KeyError) as exc:

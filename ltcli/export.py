@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import LtcliError
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 FORMATS = ("pt2", "onnx")
 
@@ -33,14 +33,18 @@ class Scorer(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """uint8 images -> scores: normalise, backbone features, the head."""
+    """uint8 images -> scores: normalise (the arithmetic of `transforms.normalize_batch`, with
+    its constants as buffers), backbone features, the head."""
 
     def __init__(self, encoder: nn.Module, scorer: Scorer):
         super().__init__()
         self.encoder, self.scorer = encoder, scorer
+        self.register_buffer("shift", torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0))
+        self.register_buffer("scale", torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, -1, 1, 1).mul(255.0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.scorer(self.encoder(normalize_batch(images)).flatten(1))
+        x = (images.to(torch.float32) - self.shift) / self.scale
+        return self.scorer(self.encoder(x).flatten(1))
 
 
 def build_module(model, head, feature_dtype: torch.dtype, features_only: bool) -> nn.Module:
