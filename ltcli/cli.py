@@ -312,8 +312,8 @@ def predict_cmd(values, *, run, config):
     out = _PredictPrinter(opts.format)
     done, bad, first = _predict.run(opts, _rundir(run), out)
     out.close()
-    if bad:
-        raise LtcliError(f"{bad} of {done + bad} images could not be read (first: {first})")
+    if bad:  # every readable image was labelled; say which were not, and exit 2
+        raise LtcliError(first if not done else f"{bad} of {done + bad} images could not be read (first: {first})")
 
 
 class _PredictPrinter:

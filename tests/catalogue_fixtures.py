@@ -272,4 +272,45 @@ def build(base: Path, run: Path) -> dict[str, str]:
     fx["run_nobackbone"] = base / "run-nobackbone"
     shutil.copytree(run, fx["run_nobackbone"], ignore=shutil.ignore_patterns("backbone*.pt", "*.lock"))
 
+    _reliability_fixtures(fx, base, run)
     return {k: str(v) for k, v in fx.items()}
+
+
+def _reliability_fixtures(fx: dict, base: Path, run: Path) -> None:
+    """Inputs of the second reliability round: special files, files that declare more than
+    they hold, checkpoints with NaN weights, symlinks that leave where they belong."""
+    feats = run / "features"
+    for name in ("fifo.png", "fifo.h5"):
+        os.mkfifo(base / name)
+    fx["fifo_png"], fx["fifo_h5"] = base / "fifo.png", base / "fifo.h5"
+    fx["complete_str_h5"] = _h5_copy(feats / "train.h5", base / "complete-str.h5", complete="False")
+    fx["huge_h5"] = base / "huge.h5"
+    with h5py.File(fx["huge_h5"], "w") as f:  # declares 2**30 x 4096 rows, stores nothing
+        f.create_dataset("features", shape=(1 << 30, 4096), dtype=np.float16, chunks=(64, 4096))
+        f.create_dataset("labels", shape=(1 << 30,), dtype=np.int64, chunks=(4096,))
+        f.create_dataset("index", shape=(1 << 30,), dtype=np.int64, chunks=(4096,))
+        with h5py.File(feats / "train.h5") as src:
+            for k, v in src.attrs.items():
+                f.attrs[k] = v
+    fx["other_backbone_train_h5"] = _h5_copy(feats / "train.h5", base / "other-backbone-train.h5",
+                                             backbone_sha256="e" * 64)
+    ckpt = torch.load(run / "backbone.pt", weights_only=True)
+    first = next(k for k, v in ckpt["model"].items() if v.is_floating_point())
+    ckpt["model"][first] = torch.full_like(ckpt["model"][first], float("nan"))
+    fx["nan_weights_ckpt"] = base / "nan-weights.pt"
+    torch.save(ckpt, fx["nan_weights_ckpt"])
+    fx["nan_weights_name"] = first
+    # imagefolder whose class folder b links up to the data root (other classes, the test split)
+    root = base / "if-uplink"
+    for split, cls, n in (("train", "a", 3), ("test", "a", 1)):
+        for i in range(n):
+            _png(root / split / cls / f"{i}.png", i)
+    os.symlink("..", root / "train" / "b")
+    fx["if_uplink"] = root
+    # a list file whose image lies in ROOT/link -> a folder outside ROOT
+    outside = base / "outside-dir"
+    _png(outside / "x.png", 5)
+    os.symlink(outside, fx["imgroot"] / "link")
+    fx["list_link_out"] = _write(base / "lists" / "link-out.txt", "a/0.png 0\nlink/x.png 1\n")
+    fx["two_paths"] = _write(base / "two-paths.txt", f"{feats / 'train.h5'}\n{feats / 'train.h5'}\n")
+    fx["list_two"] = _write(base / "lists" / "two-per-class.txt", "a/0.png 0\na/1.png 0\nb/0.png 1\nb/1.png 1\n")

@@ -58,7 +58,9 @@ def _list_images(folder: Path, data_root: Path) -> list[str]:
     other images into this class. Links to storage outside the data root are fine."""
     found = []
     seen: set[tuple[int, int]] = set()   # (device, inode) of every folder listed: cuts symlink loops
-    own, root = os.path.realpath(folder), os.path.realpath(data_root)
+    # the class folder where it stands (a class folder that is itself a link is judged by its target)
+    own = os.path.join(os.path.realpath(folder.parent), folder.name)
+    root = os.path.realpath(data_root)
 
     def check(p: str) -> None:
         real = os.path.realpath(p)

@@ -17,7 +17,7 @@ from ..console import err_console
 from ..errors import LtcliError
 from ..grid import parse_grid
 from ..heads import build_head, head_class, save_head, tunable_methods
-from ..heads.base import mean_views
+from ..heads.base import check_finite, mean_views
 from ..io import atomic_write_json
 from ..options import Options, opt
 from ..rundir import RunDir
@@ -86,6 +86,9 @@ def _run(opts: TuneOptions, run_dir: RunDir, split_path: Path, *, report: bool |
     check_replaceable_head(out_path)
     if fs.weight is None:
         raise LtcliError(f"{split_path}: holds no stage-1 classifier (/classifier/weight)")
+    check_finite(fs.weight, str(split_path), "stage-1 classifier weights")  # the classifier's fault, not the rows'
+    if fs.bias is not None:
+        check_finite(fs.bias.reshape(-1, 1), str(split_path), "stage-1 classifier biases")
     rows = tau_sweep(mean_views(fs.features), fs.labels, fs.weight, fs.bias, fs.train_counts, taus, method=method,
                      keep_bias=bool(opts.head.get("keep_bias", False)), many=opts.many, few=opts.few,
                      device=opts.device)
