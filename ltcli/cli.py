@@ -70,6 +70,7 @@ def _root(
 # --- flags generated from options ------------------------------------------------------------------
 
 _TYPES = {int: int, float: float, str: str, bool: bool, Path: Path}
+_METAVARS = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH", list: "TEXT"}
 
 
 def _param(name: str, o: Opt, help_prefix: str = "") -> inspect.Parameter:
@@ -87,7 +88,7 @@ def _param(name: str, o: Opt, help_prefix: str = "") -> inspect.Parameter:
         decl, annotation = flag, Optional[List[str]]
     else:
         decl, annotation = flag, Optional[_TYPES[o.kind]]
-    metavar = "|".join(o.choices) if o.choices else None
+    metavar = o.metavar or ("|".join(o.choices) if o.choices else _METAVARS.get(o.kind))
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                              default=typer.Option(None, decl, help=text, metavar=metavar, show_default=False))
 
@@ -381,6 +382,22 @@ def main(argv: Optional[List[str]] = None) -> None:
         args = args[1:]
     if "--debug" in args:
         _DEBUG["on"] = True
+    from .tracking import install_log
+
+    log = install_log(args)
+    try:
+        _main(args)
+    except SystemExit as exc:
+        if log is not None:
+            log.close_log(exc.code if isinstance(exc.code, int) else 1)
+            sys.stderr = log.stream
+        raise
+    if log is not None:
+        log.close_log(0)
+        sys.stderr = log.stream
+
+
+def _main(args: list[str]) -> None:
     try:
         app(args=args, prog_name="ltcli", standalone_mode=False)
     except _Exit as exc:

@@ -23,6 +23,15 @@ import torch
 from .errors import JobFailed, LtcliError
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _current_umask()  # read once, at import (os.umask can only be read by setting it)
+
+
 def check_regular_file(path: str | os.PathLike, what: str) -> Path:
     """The path of an existing regular file, checked before anything opens it: a FIFO or a
     device named like a data file would block or stream forever."""
@@ -70,6 +79,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise _disk_error(path, exc) from None
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~UMASK)  # mkstemp makes 0600: give the user's usual permissions
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())

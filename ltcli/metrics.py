@@ -63,6 +63,32 @@ def _ranks_of_labels(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return ranks
 
 
+def _correct_and_top5(scores, labels_t: torch.Tensor, num_classes: int):
+    """(top-1 correct per sample, top-5 accuracy or None) from N x C scores or N predictions."""
+    n = labels_t.shape[0]
+    scores_t = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(_to_numpy(scores, "scores"))
+    scores_t = scores_t.detach().cpu()
+    if scores_t.ndim == 2:
+        if scores_t.shape != (n, num_classes):
+            raise LtcliError(
+                f"scores: shape {tuple(scores_t.shape)} does not match {n} labels x {num_classes} classes"
+            )
+        if scores_t.is_floating_point() and torch.isnan(scores_t).any():
+            raise LtcliError("scores: contain NaN")
+        ranks = _ranks_of_labels(scores_t, labels_t)
+        correct = ranks == 0
+        top5 = float((ranks < 5).double().mean()) if num_classes >= 5 else None
+    elif scores_t.ndim == 1:
+        if scores_t.shape[0] != n:
+            raise LtcliError(f"predictions: {scores_t.shape[0]} values for {n} labels")
+        correct = scores_t.long() == labels_t
+        top5 = None
+    else:
+        raise LtcliError(f"scores: expected N x C scores or N predictions, got shape {tuple(scores_t.shape)}")
+
+    return correct, top5
+
+
 def compute_metrics(
     scores: Any,
     labels: Any,
@@ -94,25 +120,7 @@ def compute_metrics(
         )
     n = labels_t.shape[0]
 
-    scores_t = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(_to_numpy(scores, "scores"))
-    scores_t = scores_t.detach().cpu()
-    if scores_t.ndim == 2:
-        if scores_t.shape != (n, num_classes):
-            raise LtcliError(
-                f"scores: shape {tuple(scores_t.shape)} does not match {n} labels x {num_classes} classes"
-            )
-        if scores_t.is_floating_point() and torch.isnan(scores_t).any():
-            raise LtcliError("scores: contain NaN")
-        ranks = _ranks_of_labels(scores_t, labels_t)
-        correct = ranks == 0
-        top5 = float((ranks < 5).double().mean()) if num_classes >= 5 else None
-    elif scores_t.ndim == 1:
-        if scores_t.shape[0] != n:
-            raise LtcliError(f"predictions: {scores_t.shape[0]} values for {n} labels")
-        correct = scores_t.long() == labels_t
-        top5 = None
-    else:
-        raise LtcliError(f"scores: expected N x C scores or N predictions, got shape {tuple(scores_t.shape)}")
+    correct, top5 = _correct_and_top5(scores, labels_t, num_classes)
 
     lab = labels_t.numpy()
     n_eval = np.bincount(lab, minlength=num_classes)

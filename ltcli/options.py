@@ -46,6 +46,7 @@ class Opt:
     flag: str | None = None  # default: --name-with-dashes
     argument: bool = False  # positional on the command line
     cli: bool = True  # False: Python API / config only
+    metavar: str | None = None  # how --help shows the value (default: the choices, or the type)
 
     def flag_name(self, name: str) -> str:
         return self.flag or "--" + name.replace("_", "-")

@@ -93,18 +93,26 @@ class RunDir:
 
     def log_event(self, event: dict[str, Any]) -> None:
         """One JSON object per line in metrics.jsonl (epochs, extraction, heads, evals)."""
+        from .tracking import write_csv, write_tensorboard
+
         self.root.mkdir(parents=True, exist_ok=True)
         record = {"time": round(time.time(), 3), **event}
         append_line(self.metrics, json.dumps(record, sort_keys=True))
+        try:  # the mirrors never fail the job
+            write_csv(self.root / "metrics.csv", record)
+            write_tensorboard(self.root / "tensorboard", record)
+        except (OSError, ValueError):
+            pass
 
     def clear_artifacts(self) -> None:
         """--overwrite: remove everything the old run made (its checkpoints and every artifact
         that depends on them: features, heads, reports), so nothing stale outlives it."""
         import shutil
 
-        for p in (self.backbone, self.last_checkpoint, self.metrics, self.config, self.run_json):
+        for p in (self.backbone, self.last_checkpoint, self.metrics, self.config, self.run_json,
+                  self.root / "metrics.csv"):
             p.unlink(missing_ok=True)
-        for d in (self.features_dir, self.heads_dir, self.reports):
+        for d in (self.features_dir, self.heads_dir, self.reports, self.root / "tensorboard", self.root / "exports"):
             if d.is_dir() and not d.is_symlink():
                 shutil.rmtree(d)
             elif d.exists() or d.is_symlink():

@@ -137,7 +137,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def stdout_files(proc, cwd=None) -> list[Path]:
-    """Checks the stdout convention (design.md section 2): every line is a bare path of an
+    """Checks the stdout convention (README, "The pipeline, command by command"): every line is a bare path of an
     existing file, nothing else; returns the paths."""
     lines = proc.stdout.splitlines()
     assert lines, f"nothing on stdout; stderr:\n{proc.stderr[-2000:]}"

@@ -13,7 +13,8 @@ from .compat import check_cache_options, check_compatible, check_same_source
 from .info import info, info_table
 from .reader import read_attrs, read_features
 from .schema import ATTRS, DTYPES, FORMAT_VERSION, open_h5, shard_path
-from .writer import FeatureWriter, rewrite_with_classifier
+from .rewrite import rewrite_with_classifier
+from .writer import FeatureWriter
 
 __all__ = [
     "ATTRS", "DTYPES", "FORMAT_VERSION", "FeatureSet", "FeatureWriter", "check_cache_options",

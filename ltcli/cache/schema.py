@@ -18,6 +18,7 @@ from the one ATTRS table here.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -83,6 +84,26 @@ READ_ROWS_BYTES = 64 << 20  # rows read per step when loading /features
 def shard_path(out: str | os.PathLike, rank: int, world_size: int) -> Path:
     """Where rank `rank` of `world_size` writes its share of `out`."""
     return Path(f"{out}.rank{rank}-of-{world_size}.h5")
+
+
+# --- the checksum chain behind rows_done (rows_sha256) ------------------------------------------------
+
+CHAIN_START = hashlib.sha256(b"ltcli rows").hexdigest()
+
+
+def chain_step(chain: str, rows: np.ndarray) -> str:
+    """The checksum after one more block of rows: sha256(previous digest + the rows' bytes)."""
+    return hashlib.sha256(chain.encode() + np.ascontiguousarray(rows).tobytes()).hexdigest()
+
+
+def grid(start: int, stop: int, batch: int):
+    """[s, e) of the batches of the grid 0, B, 2B, ... that lie in [start, stop)."""
+    s = start
+    while s < stop:
+        e = min(stop, (s // batch + 1) * batch)
+        yield s, e
+        s = e
+
 
 
 # --- values --------------------------------------------------------------------------------------

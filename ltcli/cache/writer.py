@@ -12,7 +12,6 @@ of an uninterrupted run.
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import queue
 import shutil
@@ -28,24 +27,8 @@ from ..console import err_console
 from ..errors import JobFailed, LtcliError
 from ..io import exclusive_lock, fsync_dir, fsync_file
 from .compat import check_cache_options
-from .schema import (ATTRS, CACHE_BYTES, CHUNK_BYTES, DTYPES, IDENTITY, WRITER_KEPT, first_line, h5_reason, is_enospc,
-                     is_true, job_attrs, open_h5, plain, short)
-
-
-_CHAIN_START = hashlib.sha256(b"ltcli rows").hexdigest()
-
-
-def _chain_step(chain: str, rows: np.ndarray) -> str:
-    """The checksum after one more block of rows: sha256(previous digest + the rows' bytes)."""
-    return hashlib.sha256(chain.encode() + np.ascontiguousarray(rows).tobytes()).hexdigest()
-
-
-def _grid(start: int, stop: int, batch: int):
-    s = start
-    while s < stop:
-        e = min(stop, (s // batch + 1) * batch)
-        yield s, e
-        s = e
+from .schema import (CACHE_BYTES, CHAIN_START, CHUNK_BYTES, DTYPES, IDENTITY, WRITER_KEPT, chain_step, first_line,
+                     grid, h5_reason, is_enospc, is_true, job_attrs, open_h5, plain, short)
 
 
 def _is_hdf5(path: Path) -> bool:
@@ -144,7 +127,7 @@ class FeatureWriter:
         self._written = 0
         self._finished = False
         self.target: Path | None = None  # set while an --overwrite builds its replacement
-        self._chain = _CHAIN_START
+        self._chain = CHAIN_START
         self._slow = float(os.environ.get("LTCLI_TEST_SLOW_CHUNK", "0") or 0)
 
     # ---- opening -----------------------------------------------------------------------
@@ -326,7 +309,7 @@ class FeatureWriter:
                     f.attrs[key] = value
                 f.attrs["batch_size"] = np.int64(self.batch_size)
                 f.attrs["rows_done"] = np.int64(0)
-                f.attrs["rows_sha256"] = _CHAIN_START
+                f.attrs["rows_sha256"] = CHAIN_START
                 f.attrs["complete"] = np.bool_(False)
             fsync_file(tmp)
             os.replace(tmp, path)
@@ -338,17 +321,17 @@ class FeatureWriter:
             tmp.unlink(missing_ok=True)
             raise
         self.rows_done = 0
-        self._chain = _CHAIN_START
+        self._chain = CHAIN_START
 
     def _verified_chain(self, rows_done: int, stored: str) -> str:
         """The checksum chain of rows [0, rows_done), recomputed from the file and compared with
         the one stored beside rows_done: a resume trusts the rows, not the counter."""
-        chain = _CHAIN_START
+        chain = CHAIN_START
         if rows_done:
             with open_h5(self.path, "r") as f:
                 dset = f["features"]
-                for s, e in _grid(0, rows_done, self._found_batch):
-                    chain = _chain_step(chain, np.asarray(dset[s:e]))
+                for s, e in grid(0, rows_done, self._found_batch):
+                    chain = chain_step(chain, np.asarray(dset[s:e]))
         if chain != stored:
             raise LtcliError(f"{self.path}: rows_done says {rows_done} rows were written, but they do not match "
                              "the file's checksum; pass --overwrite to recompute it")
@@ -405,7 +388,7 @@ class FeatureWriter:
             self._dset[start : start + n] = arr
             self._file.flush()
             self._fsync()  # the rows reach the disk before the counter that vouches for them
-            self._chain = _chain_step(self._chain, arr)
+            self._chain = chain_step(self._chain, arr)
             self._file.attrs.modify("rows_sha256", self._chain)
             self._file.attrs.modify("rows_done", np.int64(start + n))
             self._file.flush()
@@ -519,26 +502,3 @@ class FeatureWriter:
             # left without finish(): the file stays incomplete and resumable
             pass
 
-
-def rewrite_with_classifier(path: Path, weight: torch.Tensor, bias: torch.Tensor | None, stage1: str) -> Path:
-    """Give a complete feature file a stage-1 classifier (for a backbone ltcli did not train, the
-    linear probe): the rows are copied into a new file, renamed over the old one when complete,
-    so a crash leaves the old file intact."""
-    from .reader import read_attrs
-
-    attrs = read_attrs(path)
-    kept = {a.name for a in ATTRS if not a.writer and not a.shard}
-    job = {k: v for k, v in attrs.items() if k in kept}
-    job["stage1"] = stage1
-    with open_h5(path) as f:
-        feats = f["features"]
-        labels, index = np.asarray(f["labels"][()]), np.asarray(f["index"][()])
-        dtype = "float16" if feats.dtype == np.float16 else "float32"
-        batch = int(attrs.get("batch_size") or 256)
-        with FeatureWriter(path, rows=feats.shape[0], dim=feats.shape[-1], labels=labels, index=index, attrs=job,
-                           views=int(attrs["views"]), dtype=dtype, weight=weight, bias=bias, batch_size=batch,
-                           overwrite=True, quiet=True) as w:
-            for s, e in _grid(w.rows_done, w.rows, w.batch_size):
-                w.write(s, np.asarray(feats[s:e]))
-            w.finish()
-    return path

@@ -12,7 +12,7 @@ import torch
 
 from ..cache import read_features
 from ..errors import JobFailed, LtcliError
-from ..heads import build_head, head_class, save_head
+from ..heads import build_head, head_class, methods, save_head
 from ..options import Options, opt
 from ..rundir import RunDir
 from ..runtime import DEVICE_HELP
@@ -24,7 +24,7 @@ from .guards import check_features_belong_to_run, check_replaceable_head
 class FitOptions(Options):
     command = "fit-head"
 
-    method: str = opt(None, str, "The head to fit (`ltcli fit-head --help` lists them).", optional=True)
+    method: str = opt(None, str, "The head to fit (described above).", optional=True, metavar="|".join(methods()))
     features: str | None = opt(None, str, "Train features .h5 (default RUN/features/train.h5; '-' reads the "
                                "path from stdin).", optional=True)
     out: Path | None = opt(None, Path, "Head file (default RUN/heads/METHOD.pt).", optional=True)

@@ -32,7 +32,8 @@ class TuneOptions(Options):
     command = "tune-tau"
 
     split: str = opt("val", str, "Held-out split to choose τ on (val; test only with --allow-test).")
-    method: str | None = opt(None, str, "The tunable head (default: the first of them).", optional=True)
+    method: str | None = opt(None, str, "The tunable head (default: the first of them).", optional=True,
+                             metavar="|".join(tunable_methods()))
     grid: str = opt("0:2:0.05", str, "START:STOP:STEP (inclusive) or a comma list.")
     metric: str = opt("overall", str, "What to maximise.", choices=METRICS)
     features: str | None = opt(None, str, "Features of the tuning split (default RUN/features/SPLIT.h5; '-' = "
