@@ -145,13 +145,23 @@ def build_options(options_cls, given: dict, config: Path | None, *, head_keys: s
     return options_cls(**values)
 
 
+def out(lines) -> None:
+    """Lines to stdout; a reader that stops reading (`| head -1`) ends the command quietly, exit 0."""
+    try:
+        for line in lines:
+            sys.stdout.write(f"{line}\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        raise typer.Exit(0) from None
+
+
 def emit(paths: list, as_json: bool, payload: Optional[dict] = None) -> None:
     """stdout: one path per line, or a single JSON object."""
     if as_json:
-        typer.echo(json.dumps(payload if payload is not None else {"paths": [str(p) for p in paths]}, default=str))
+        out([json.dumps(payload if payload is not None else {"paths": [str(p) for p in paths]}, default=str)])
     else:
-        for p in paths:
-            typer.echo(str(p))
+        out(map(str, paths))
 
 
 def _rank0() -> bool:
@@ -298,7 +308,7 @@ def info_cmd(
 
     d = info(path)
     if as_json:
-        typer.echo(json.dumps(d, default=str))
+        out([json.dumps(d, default=str)])
     else:
         err_console.print(info_table(d))
 
@@ -324,6 +334,13 @@ class _PredictPrinter:
         self.fmt, self.started = fmt, False
 
     def __call__(self, rows: list[dict]) -> None:
+        try:
+            self._write(rows)
+        except BrokenPipeError:
+            _quiet_stdout()
+            raise typer.Exit(0) from None
+
+    def _write(self, rows: list[dict]) -> None:
         import csv
 
         for r in rows:
@@ -361,12 +378,11 @@ def quickstart_cmd(values, *, run, config, overwrite, as_json):
 
 
 @app.command("archs")
-def archs_cmd():
+def archs_cmd(timm: bool = typer.Option(False, "--timm", help="Also list timm's models (as timm:NAME).")):
     """List the backbone architectures --arch accepts (timm:NAME for timm's models)."""
     from .models import available_archs
 
-    for name in available_archs():
-        typer.echo(name)
+    out(available_archs(timm=timm))
 
 
 # --- entry point ---------------------------------------------------------------------------------

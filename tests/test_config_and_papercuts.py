@@ -153,7 +153,7 @@ def test_knn_top5_ranks_unvoted_classes_by_similarity():
     x = mu[y] + torch.randn(400, 16, generator=g)
     fs = FeatureSet(x, y, None, None, [f"c{i}" for i in range(8)], torch.bincount(y), "train", {})
     head = build_head("knn", k=3).fit(fs, device="cpu")
-    q = mu[:4] * 0.9 + mu[4:] * 0.1  # near class j, second nearest class j + 4
+    q = mu[:4] * 0.6 + mu[4:] * 0.4  # nearest class j (every vote), then class j + 4
     second = head.logits(q).topk(2, dim=1).indices[:, 1]
     assert second.tolist() == [4, 5, 6, 7]
 

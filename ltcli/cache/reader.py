@@ -126,7 +126,7 @@ def read_features(path: str | os.PathLike, *, mmap: bool = False) -> FeatureSet:
             f"expected {c} x {features.shape[-1]})"
         )
     prov = {k: attrs[k] for k in PROVENANCE if k in attrs}
-    prov.update(path=str(path), dtype=dtype, index=index)
+    prov.update(path=str(path), dtype=dtype, index=index, rows_sha256=attrs.get("rows_sha256"))
     return FeatureSet(
         features=features,
         labels=labels,

@@ -112,4 +112,5 @@ def load_head(path: str | os.PathLike) -> tuple[Head, dict]:
         head = HEADS[method].from_state(payload["state"])
     except LtcliError as exc:
         raise LtcliError(f"{path}: malformed {method} head: {exc}") from None
+    head.file = str(path)  # where it was read from (a kNN head finds its run's features beside it)
     return head, payload["provenance"]

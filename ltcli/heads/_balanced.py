@@ -188,6 +188,7 @@ def train_balanced(train: FeatureSet, step: StepFn, options: dict, device: torch
         ids, labels = ids.to(device), labels.to(device)
         if graphed is not None:
             graphed.load_epoch(ids, labels, done)
+        report = max(1, per_epoch // 50)  # within an epoch too, when it has many steps
         for j in range(per_epoch):
             if graphed is not None and j < full:
                 graphed.run()
@@ -195,6 +196,8 @@ def train_balanced(train: FeatureSet, step: StepFn, options: dict, device: torch
                 s = j * bs
                 step(rows.batch(ids[s : s + bs]), labels[s : s + bs], neg_lr[done : done + 1])
             done += 1
+            if progress is not None and per_epoch >= 200 and (j + 1) % report == 0 and j + 1 < per_epoch:
+                progress(epoch + (j + 1) / per_epoch, epochs)
         if progress is not None:
             progress(epoch + 1, epochs)
 

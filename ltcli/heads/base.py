@@ -191,8 +191,9 @@ class Head:
             raise LtcliError(f"{source}: head expects D={self.dim}, features have D={int(feats.shape[-1])}")
 
     def logits(self, feats: torch.Tensor, *, device: str | torch.device | None = None,
-               source: str = "features") -> torch.Tensor:
-        """N x C float32 CPU scores for N x D features (N x K x D: views averaged), in chunks."""
+               source: str = "features", progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """N x C float32 CPU scores for N x D features (N x K x D: views averaged), in chunks;
+        progress(rows done, rows) after each chunk."""
         self.check_features(feats, source)
         dev = resolve_device(device if device is not None else self.device)
         n = int(feats.shape[0])
@@ -203,6 +204,8 @@ class Head:
             x = mean_views(feats[start : start + step].to(dev, non_blocking=True))
             check_chunk_finite(x, start, source)
             out[start : start + x.shape[0]] = self._logits_chunk(x, dev).to("cpu", torch.float32)
+            if progress is not None:
+                progress(start + x.shape[0], n)
         return out
 
     def predict(self, feats: torch.Tensor, *, device: str | torch.device | None = None) -> torch.Tensor:

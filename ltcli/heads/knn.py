@@ -1,92 +1,243 @@
 """`knn`: k nearest training features through FAISS (beyond the paper).
 
-Train features (views averaged) are kept in the head. metric='cosine' centres them on the
-train mean and L2-normalises them (inner-product index); metric='euclidean' uses them as
-they are (L2 index). A query's score for class j sums the votes of its k nearest train
-samples of class j:
-  weighting='distance' (default): each neighbour votes 1 / (1 + d), d its euclidean
-      distance (for cosine the chordal distance sqrt(2 - 2 cos) between unit vectors);
-  weighting='count': each neighbour votes 1 (ties go to the lower class index).
-Classes with no neighbour among the k score 0."""
+metric='cosine' centres the features on the train mean and L2-normalises them (inner
+product); metric='euclidean' uses them as they are (L2). A query's score for class j sums
+the votes of its k nearest train samples of class j:
+  weighting='distance' (default): each neighbour votes 1 / (1 + d), d its euclidean distance
+      (for cosine the chordal distance sqrt(2 - 2 cos) between unit vectors);
+  weighting='count': each neighbour votes 1.
+Classes without a vote score below every voted class, ordered by the cosine similarity of
+the query to their mean (so top-5 is a similarity ranking, not a tie-break).
+
+The train features are not copied into the head: it refers to the train cache by path and
+content checksum (rows_sha256) and searches it in chunks (index='flat': exact), or keeps an
+approximate index (index='ivf' | 'hnsw', `ltcli.neighbours`) whose candidates are re-ranked
+exactly against the cache. A FeatureSet that is no file (the Python API) is kept in the head."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import torch
 
-from .. import faiss_index
+from .. import faiss_index, neighbours
 from ..errors import LtcliError
 from ..featureset import FeatureSet
 from ..options import Opt
-from .base import Head, _CPU_CHUNK_ELEMS, get_tensor, source_name
+from .base import Head, _CPU_CHUNK_ELEMS, check_chunk_finite, get_int, get_tensor, source_name
 from .ncm import _chunks, _normalise, train_mean
 from .registry import register
+
+RECALL_QUERIES = 500  # train rows used as queries to measure an index's recall at fit time
+TRAIN_SAMPLE = 65_536  # rows an approximate index is trained on
 
 
 @register
 class KNNHead(Head):
     method = "knn"
     order = 60
-    summary = "k nearest training features, similarity-weighted votes"
+    summary = "k nearest training features, similarity-weighted votes (exact, or an IVF / HNSW index)"
     options_spec = {
         "k": Opt(10, int, "neighbours that vote", min=1, max=10_000),
-        "metric": Opt("cosine", str, choices=faiss_index.METRICS, help="cosine or euclidean"),
-        "weighting": Opt("distance", str, choices=("distance", "count"), help="vote 1/(1+d) or 1 per neighbour"),
+        "metric": Opt("cosine", str, "cosine or euclidean", choices=faiss_index.METRICS),
+        "weighting": Opt("distance", str, "vote 1/(1+d) or 1 per neighbour", choices=("distance", "count")),
+        "index": Opt("flat", str, "flat: exact search of the train cache; ivf / hnsw: an approximate index "
+                     "(re-ranked exactly) for large caches", choices=neighbours.INDEXES),
+        "nlist": Opt(None, int, "ivf: inverted lists (default 4 * sqrt(N))", min=1, max=1 << 20, optional=True),
     }
     checks_values_on_device = True  # train_mean checks NaN/inf in its pass
 
+    # ---- fitting -------------------------------------------------------------------------
     def _fit(self, train: FeatureSet, device, progress) -> None:
         feats = train.features
-        n = int(feats.shape[0])
         self.mean = train_mean(feats, device, source_name(train)).cpu()
-        bank = torch.empty((n, self.dim), dtype=torch.float32)
-        for s, x in _chunks(feats, torch.device("cpu")):
-            bank[s : s + x.shape[0]] = x
-        # float16 halves the head file; only when it loses nothing (cached features are float16)
-        half = bank.to(torch.float16)
-        self.bank = half if torch.equal(half.to(torch.float32), bank) else bank
         self.bank_labels = train.labels.to("cpu", torch.int64).clone()
+        self.class_means = self._class_means(train)
+        path, chain = train.attrs.get("path"), train.attrs.get("rows_sha256")
+        self.bank, self.bank_file, self.bank_chain = None, None, None
+        if path and chain:
+            from pathlib import Path
+
+            self.bank_file, self.bank_chain = str(Path(path).resolve()), str(chain)
+        else:  # an in-memory FeatureSet: keep its rows (float16 when that loses nothing)
+            bank = torch.empty((len(self.bank_labels), self.dim), dtype=torch.float32)
+            for s, x in _chunks(feats, torch.device("cpu")):
+                bank[s : s + x.shape[0]] = x
+            half = bank.to(torch.float16)
+            self.bank = half if torch.equal(half.to(torch.float32), bank) else bank
+        self._source = feats
+        self.index_bytes, self.index_sha, self.knob, self.recall = None, None, 0, None
+        if self.options["index"] != "flat":
+            self._build_index(train)
         self._index = None
 
-    def _prep(self, x: torch.Tensor) -> torch.Tensor:
+    def _class_means(self, train: FeatureSet) -> torch.Tensor:
+        """Normalised mean of each class's normalised, centred features (for the tie-break)."""
+        sums = torch.zeros((self.num_classes, self.dim))
+        for s, x in _chunks(train.features, torch.device("cpu")):
+            sums.index_add_(0, self.bank_labels[s : s + x.shape[0]], _normalise(x - self.mean))
+        return _normalise(sums)
+
+    def _build_index(self, train: FeatureSet) -> None:
+        kind, n, k = self.options["index"], len(self.bank_labels), self.options["k"]
+        rng = np.random.default_rng(0)
+        sample = self._rows(np.sort(rng.choice(n, size=min(n, TRAIN_SAMPLE), replace=False)))
+        index = neighbours.build(kind, self._chunks, n, self.dim, self.options["metric"], sample,
+                                 nlist=self.options["nlist"])
+        queries = self._rows(np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False)))
+        t0 = time.perf_counter()
+        _, truth = neighbours.exact_search(queries, self._chunks, min(k, n), self.options["metric"])
+        exact_s = time.perf_counter() - t0
+        self.knob, self.recall = neighbours.tune_knob(index, kind, queries, truth, self._rows, min(k, n),
+                                                      self.options["metric"])
+        t0 = time.perf_counter()
+        neighbours.rerank(queries, neighbours.candidates(index, queries, min(k, n)), self._rows, min(k, n),
+                          self.options["metric"])
+        speedup = exact_s / max(time.perf_counter() - t0, 1e-9)
+        data, self.index_sha = neighbours.serialize(index)
+        self.index_bytes = torch.from_numpy(data.copy())
+        knob = "nprobe" if kind == "ivf" else "efSearch"
+        self.fit_note = (f"{kind} index ({type(index).__name__}, {knob} {self.knob}): recall@{min(k, n)} "
+                         f"{self.recall:.3f} against exact search on {len(queries)} train queries, "
+                         f"{speedup:.1f}x faster than exact search on them")
+
+    # ---- the bank ------------------------------------------------------------------------
+    def _prep(self, x: torch.Tensor) -> np.ndarray:
+        """float32 rows (views averaged) as the index holds them."""
         x = x.to(torch.float32)
-        return _normalise(x - self.mean.to(x.device)) if self.options["metric"] == "cosine" else x
+        x = x.mean(dim=1) if x.dim() == 3 else x
+        if self.options["metric"] == "cosine":
+            x = _normalise(x - self.mean)
+        return faiss_index.as_float32(x)
+
+    def _bank_features(self) -> torch.Tensor:
+        if self.bank is not None:
+            return self.bank
+        source = getattr(self, "_source", None)
+        if source is None:
+            source = self._source = self._open_bank()
+        return source
+
+    def _open_bank(self) -> torch.Tensor:
+        from pathlib import Path
+
+        from ..cache import read_attrs, read_features
+
+        moved = Path(getattr(self, "file", "") or ".").resolve().parent.parent / "features" / Path(self.bank_file).name
+        if not Path(self.bank_file).exists() and moved.exists():  # the run was moved: its own features
+            self.bank_file = str(moved)
+        try:
+            chain = read_attrs(self.bank_file).get("rows_sha256")
+        except LtcliError:
+            raise LtcliError(f"{self.bank_file}: the train features this kNN head searches are missing or "
+                             "unreadable (keep them beside the head, or refit it)") from None
+        if chain != self.bank_chain:
+            raise LtcliError(f"{self.bank_file}: not the train features this kNN head was fitted on (its "
+                             "checksum differs); refit the head")
+        fs = read_features(self.bank_file, mmap=True)
+        if fs.features.shape[0] != len(self.bank_labels):
+            raise LtcliError(f"{self.bank_file}: holds {fs.features.shape[0]} rows, the head {len(self.bank_labels)}")
+        return fs.features
+
+    def _chunks(self):
+        feats = self._bank_features()
+        step = max(1, _CPU_CHUNK_ELEMS // max(1, feats[0].numel()))
+        for s in range(0, int(feats.shape[0]), step):
+            yield s, self._prep(feats[s : s + step])
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        return self._prep(self._bank_features()[torch.as_tensor(ids, dtype=torch.int64)])
 
     def _get_index(self):
-        if getattr(self, "_index", None) is None:
-            index = faiss_index.make_index(self.dim, self.options["metric"], max_k=self.options["k"])
-            step = max(1, _CPU_CHUNK_ELEMS // self.dim)
-            for s in range(0, self.bank.shape[0], step):
-                faiss_index.add(index, self._prep(self.bank[s : s + step]))
-            self._index = index
-        return self._index
+        if self.index_bytes is not None and getattr(self, "_index", None) is None:
+            self._index = neighbours.deserialize(self.index_bytes.numpy(), self.index_sha, "kNN head")
+            neighbours.set_knob(self._index, self.options["index"], self.knob)
+        return getattr(self, "_index", None)
 
-    def _logits_chunk(self, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-        k = min(self.options["k"], int(self.bank.shape[0]))
-        scores, ids = faiss_index.search(self._get_index(), self._prep(x), k)
+    # ---- scoring -------------------------------------------------------------------------
+    def logits(self, feats: torch.Tensor, *, device=None, source: str = "features", progress=None) -> torch.Tensor:
+        """All queries in one pass over the bank (chunked queries would re-read it per chunk);
+        progress(bank rows searched, bank rows) for the exact search."""
+        self.check_features(feats, source)
+        n = int(feats.shape[0])
+        q = np.empty((n, self.dim), dtype=np.float32)
+        step = max(1, _CPU_CHUNK_ELEMS // max(1, feats[0].numel())) if n else 1
+        for s in range(0, n, step):
+            x = feats[s : s + step].to(torch.float32)
+            check_chunk_finite(x.reshape(x.shape[0], -1), s, source)
+            q[s : s + x.shape[0]] = self._prep(x)
+        k = min(self.options["k"], len(self.bank_labels))
+        index = self._get_index()
+        if index is None:
+            n_bank = len(self.bank_labels)
+            scores, ids = neighbours.exact_search(q, self._chunks, k, self.options["metric"],
+                                                  None if progress is None else (lambda d: progress(d, n_bank)))
+        else:
+            scores, ids = neighbours.rerank(q, neighbours.candidates(index, q, k), self._rows, k,
+                                            self.options["metric"])
+        return self._votes(q, scores, ids)
+
+    def _votes(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> torch.Tensor:
         valid = ids >= 0
         if self.options["weighting"] == "count":
             votes = valid.astype(np.float32)
         else:
-            # squared distance: L2 index gives it; for unit vectors it is 2 - 2 cos
+            # squared distance: L2 gives it; for unit vectors it is 2 - 2 cos
             sq = scores if self.options["metric"] == "euclidean" else 2.0 - 2.0 * scores
             votes = np.where(valid, 1.0 / (1.0 + np.sqrt(np.maximum(sq, 0.0))), 0.0).astype(np.float32)
         labels = self.bank_labels[torch.from_numpy(np.where(valid, ids, 0))]
-        out = torch.zeros((x.shape[0], self.num_classes))
-        return out.scatter_add_(1, labels, torch.from_numpy(votes))
+        out = torch.zeros((q.shape[0], self.num_classes))
+        out.scatter_add_(1, labels, torch.from_numpy(votes))
+        if self.class_means is None:
+            return out
+        # unvoted classes: below every vote, by similarity to their mean ((cos - 1) / 4 in [-0.5, 0))
+        qc = torch.from_numpy(q) if self.options["metric"] == "cosine" else _normalise(torch.from_numpy(q) - self.mean)
+        similarity = (qc @ self.class_means.t() - 1.0) / 4.0 - 1e-6
+        return torch.where(out > 0, out, similarity)
 
+    def _logits_chunk(self, x, device):  # pragma: no cover - logits() is overridden
+        raise NotImplementedError
+
+    # ---- persistence ---------------------------------------------------------------------
     def _state(self) -> dict:
-        return {"mean": self.mean, "bank": self.bank, "bank_labels": self.bank_labels}
+        state = {"mean": self.mean, "bank_labels": self.bank_labels, "knob": int(self.knob)}
+        if self.class_means is not None:
+            state["class_means"] = self.class_means
+        if self.bank is not None:
+            state["bank"] = self.bank
+        else:
+            state.update(bank_file=self.bank_file, bank_rows_sha256=self.bank_chain)
+        if self.index_bytes is not None:
+            state.update(index=self.index_bytes, index_sha256=self.index_sha, recall=float(self.recall))
+        return state
 
     def _load_state(self, state: dict) -> None:
         self.mean = get_tensor(state, "mean", (self.dim,)).float()
-        bank = state.get("bank")
-        n = int(bank.shape[0]) if isinstance(bank, torch.Tensor) and bank.dim() == 2 else -1
+        # heads of ltcli 0.1 have neither class means (no similarity order below the votes) nor a knob
+        means = get_tensor(state, "class_means", (self.num_classes, self.dim), optional=True)
+        self.class_means = None if means is None else means.float()
+        labels = state.get("bank_labels")
+        n = int(labels.shape[0]) if isinstance(labels, torch.Tensor) and labels.dim() == 1 else -1
         if n < 1:
-            raise LtcliError("head state: 'bank' missing or not an N x D tensor")
-        self.bank = get_tensor(state, "bank", (n, self.dim))
+            raise LtcliError("head state: 'bank_labels' missing or not a vector")
         labels = get_tensor(state, "bank_labels", (n,), floating=False).to(torch.int64)
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise LtcliError("head state: 'bank_labels' out of range for the class count")
         self.bank_labels = labels
+        self.bank = get_tensor(state, "bank", (n, self.dim), optional=True)
+        self.bank_file, self.bank_chain = state.get("bank_file"), state.get("bank_rows_sha256")
+        if self.bank is None and not (isinstance(self.bank_file, str) and isinstance(self.bank_chain, str)):
+            raise LtcliError("head state: neither 'bank' nor 'bank_file' / 'bank_rows_sha256'")
+        self.knob = get_int(state, "knob", min_value=0) if "knob" in state else 0
+        index = state.get("index")
+        self.index_bytes, self.index_sha, self.recall = None, None, None
+        if index is not None:
+            if not isinstance(index, torch.Tensor) or index.dtype != torch.uint8 or index.dim() != 1:
+                raise LtcliError("head state: 'index' is not a byte tensor")
+            if not isinstance(state.get("index_sha256"), str):
+                raise LtcliError("head state: 'index_sha256' missing")
+            self.index_bytes, self.index_sha, self.recall = index, state["index_sha256"], state.get("recall")
+        elif self.options["index"] != "flat":
+            raise LtcliError(f"head state: index '{self.options['index']}' but no 'index' stored")
         self._index = None

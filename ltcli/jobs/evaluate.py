@@ -70,8 +70,8 @@ def check_head_matches(head_path, prov: dict, fs, features_path) -> None:
                          f"in {features_path}")
 
 
-def _head_result(name: str, head, prov: dict, path, fs, opts: EvalOptions, features_path) -> dict:
-    scores = head.logits(fs.features, source=str(features_path))
+def _head_result(name: str, head, prov: dict, path, fs, opts: EvalOptions, features_path, progress=None) -> dict:
+    scores = head.logits(fs.features, source=str(features_path), progress=progress)
     m = compute_metrics(scores, fs.labels, fs.train_counts, many=opts.many, few=opts.few)
     m["head_file"] = str(path) if path is not None else None
     m["method"] = getattr(head, "method", name)
@@ -112,13 +112,16 @@ def _run(opts: EvalOptions, run_dir: RunDir, features_path: Path) -> dict:
     results: dict[str, dict] = {}
     norms: dict[str, Any] = {}
     heads = _heads_to_score(opts, run_dir, fs)
-    with progress_bar(disable=len(heads) < 2) as bar:
+    with progress_bar() as bar:
         task = bar.add_task("eval", total=len(heads), rate="")
+        rows = bar.add_task("rows", total=1, rate="")
         for name, head, prov, path in heads:
             if path is not None:
                 check_head_matches(path, prov, fs, features_path)
             bar.update(task, description=f"eval {name}")
-            results[name] = _head_result(name, head, prov, path, fs, opts, features_path)
+            bar.reset(rows, total=1, description=f"  {name}")
+            results[name] = _head_result(name, head, prov, path, fs, opts, features_path,
+                                         progress=lambda done, total: bar.update(rows, completed=done, total=total))
             if HEADS.get(results[name]["method"]) is not None and HEADS[results[name]["method"]].shows_weight_norms:
                 n = head.weight_norms()
                 if n is not None:

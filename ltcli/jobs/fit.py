@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..cache import read_features
+from ..console import err_console, progress_bar
 from ..errors import JobFailed, LtcliError
 from ..heads import build_head, head_class, methods, save_head
 from ..options import Options, opt
@@ -63,8 +64,13 @@ def _run(opts: FitOptions, run_dir: RunDir, features_path: Path) -> FitResult:
         check_features_belong_to_run(run_dir, fs, features_path)
     check_replaceable_head(out_path)
     head = build_head(opts.method, **opts.head)
-    head.fit(fs, device=opts.device)
+    epochs = head.options.get("epochs")
+    with progress_bar(disable=not epochs) as bar:  # heads that train: epochs (and steps) as they go
+        task = bar.add_task(f"fit {head.method}", total=epochs or 1, rate="")
+        head.fit(fs, device=opts.device, progress=lambda done, total: bar.update(task, completed=done))
     _check_fitted_finite(head, opts.method, opts.head, features_path)
+    if getattr(head, "fit_note", None):
+        err_console.print(f"{head.method}: {head.fit_note}", highlight=False)
     save_head(head, out_path, head_provenance(fs, features_path, {"method": head.method, "options": head.options}))
     log_event(run_dir if opts.out is None else None,
               {"event": "fit-head", "method": head.method, "head": str(out_path), "options": head.options})

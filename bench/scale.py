@@ -1,0 +1,157 @@
+"""ltcli's classifier stages at ImageNet-LT and iNaturalist-2018 size, on one machine.
+
+Writes synthetic feature caches with the real datasets' long-tail profiles (class-conditional
+Gaussians, float16, D = 2048, a stage-1 classifier biased like a long-tailed joint model),
+then runs each command as a user would (`python -m ltcli ...`, one process each) and records
+its wall time and peak RSS (getrusage of the child) beside the size of the float16 train
+matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
+
+    python bench/scale.py --size imagenet-lt            # 115,846 x 2048 train, 1,000 classes
+    python bench/scale.py --size inat2018               # 437,513 x 2048 train, 8,142 classes
+    options: --workdir DIR (default /tmp/ltcli-scale-SIZE), --epochs N (cRT / LWS epochs; default
+    10 at ImageNet-LT, 1 at iNat, where one epoch is ~5 minutes on 2 cores), --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from heads_speed import imagenet_lt_counts  # noqa: E402
+from ltcli.cache import FeatureWriter  # noqa: E402
+
+GIB = 1 << 30
+D = 2048
+SIZES = {
+    # train total, n_max, n_min, classes, val per class, test per class
+    "imagenet-lt": (115_846, 1280, 5, 1000, 20, 50),
+    "inat2018": (437_513, 1000, 2, 8142, 3, 3),
+}
+
+
+def counts_for(size: str) -> np.ndarray:
+    total, n_max, n_min, c, _, _ = SIZES[size]
+    return imagenet_lt_counts(total, n_max, n_min, c)
+
+
+def write_split(path: Path, counts: np.ndarray, mu: torch.Tensor, weight, bias, train_counts, split: str,
+                gen: torch.Generator, names: list[str]) -> None:
+    """One cache file, written in chunks through ltcli's own writer (no float32 copy of it all)."""
+    y = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts))
+    y = y[torch.randperm(len(y), generator=gen)].numpy()
+    attrs = {"split": split, "class_names": names, "train_class_counts": [int(c) for c in train_counts],
+             "backbone_sha256": "5ca1e" * 12 + "0000", "data_fingerprint": f"synthetic-{split}",
+             "dataset_id": "scale-bench", "transform": "synthetic gaussians", "views": 1, "arch": "synthetic",
+             "seed": 0, "stage1": "synthetic"}
+    with FeatureWriter(path, rows=len(y), dim=D, labels=y, index=np.arange(len(y)), attrs=attrs, weight=weight,
+                       bias=bias, batch_size=8192, overwrite=True, quiet=True) as w:
+        for s in range(0, len(y), w.batch_size):
+            yy = torch.from_numpy(y[s : s + w.batch_size])
+            x = mu[yy] + torch.randn(len(yy), D, generator=gen)
+            w.write(s, x.to(torch.float16).numpy())
+        w.finish()
+
+
+def make_caches(size: str, run: Path) -> int:
+    """The run's features/{train,val,test}.h5; returns the bytes of the float16 train matrix."""
+    _, _, _, c, val_per, test_per = SIZES[size]
+    counts = counts_for(size)
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(c, D, generator=gen) * 0.12  # hard but learnable, as in bench/heads_speed.py
+    n = torch.as_tensor(counts, dtype=torch.float32)
+    noisy = mu + 0.12 * torch.randn(c, D, generator=gen)
+    weight = torch.nn.functional.normalize(noisy, dim=1) * (n / n.max()).pow(0.5).unsqueeze(1) * 0.5
+    bias = 0.5 * (n / n.max()).log()
+    names = [f"c{i:05d}" for i in range(c)]
+    feats = run / "features"
+    for split, split_counts in (("train", counts), ("val", np.full(c, val_per)), ("test", np.full(c, test_per))):
+        if not (feats / f"{split}.h5").exists():
+            write_split(feats / f"{split}.h5", split_counts, mu, weight, bias, counts, split, gen, names)
+    return int(counts.sum()) * D * 2
+
+
+def run_measured(args: list[str]) -> dict:
+    """One ltcli command in its own process: wall seconds, peak RSS (its own getrusage), exit code."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "ltcli", *map(str, args)], stdout=subprocess.DEVNULL,
+                                stderr=err, env={**os.environ, "PYTHONPATH": str(REPO)})
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = [line.strip() for line in err.read().splitlines() if line.strip()][-4:]
+    return {"command": "ltcli " + " ".join(map(str, args)), "seconds": round(wall, 1),
+            "peak_rss": usage.ru_maxrss * 1024, "exit": proc.returncode, "stderr_tail": tail}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), required=True)
+    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    run = a.workdir or Path(f"/tmp/ltcli-scale-{a.size}")
+    epochs = a.epochs or (10 if a.size == "imagenet-lt" else 1)
+    t0 = time.perf_counter()
+    train_bytes = make_caches(a.size, run)
+    made = time.perf_counter() - t0
+    r = ["--run", run]
+    steps = [
+        ["info", run / "features" / "train.h5", "--json"],
+        ["fit-head", "--method", "joint", *r],
+        ["fit-head", "--method", "ncm", *r],
+        ["fit-head", "--method", "crt", "--epochs", epochs, *r],
+        ["fit-head", "--method", "lws", "--epochs", epochs, *r],
+        ["fit-head", "--method", "knn", "--index", "ivf", *r],
+        ["tune-tau", "--method", "tau-norm", *r],
+        ["tune-tau", "--method", "logit-adjust", *r],
+        ["eval", *r],
+    ]
+    results = []
+    ceiling = train_bytes + 2 * GIB
+    print(f"{a.size}: caches written in {made:.0f} s; float16 train matrix {train_bytes / GIB:.2f} GiB; "
+          f"ceiling {ceiling / GIB:.2f} GiB", file=sys.stderr)
+    for args in steps:
+        res = run_measured(args)
+        res["within_ceiling"] = res["peak_rss"] <= ceiling
+        results.append(res)
+        print(f"{res['seconds']:8.1f} s  {res['peak_rss'] / GIB:6.2f} GiB  exit {res['exit']}  {res['command']}",
+              file=sys.stderr)
+        for line in res["stderr_tail"]:
+            if "index" in line or "error" in line or "failed" in line:
+                print(f"          {line}", file=sys.stderr)
+    head = run / "heads" / "knn.pt"
+    summary = {
+        "size": a.size, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "torch": torch.__version__, "train_rows": int(train_bytes // (2 * D)), "dim": D,
+        "train_fp16_bytes": train_bytes, "ceiling_bytes": ceiling, "cache_seconds": round(made, 1),
+        "crt_lws_epochs": epochs, "commands": results,
+        "knn_head_bytes": head.stat().st_size if head.exists() else None,
+        "train_cache_bytes": (run / "features" / "train.h5").stat().st_size,
+        "eval": json.loads((run / "reports" / "eval-test.json").read_text())["heads"] if (run / "reports" / "eval-test.json").exists() else None,
+    }
+    text = json.dumps(summary, indent=2, default=str)
+    if a.out:
+        a.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
