@@ -1,7 +1,10 @@
 """ltcli's classifier stages at ImageNet-LT and iNaturalist-2018 size, on one machine.
 
-Writes synthetic feature caches with the real datasets' long-tail profiles (class-conditional
-Gaussians, float16, D = 2048, a stage-1 classifier biased like a long-tailed joint model),
+Writes synthetic feature caches with the real datasets' long-tail profiles (float16, D = 2048,
+a stage-1 classifier biased like a long-tailed joint model). The features are class-conditional
+Gaussians shaped like a CNN's: they live near a 128-d subspace (real embeddings have a fast-
+falling spectrum), and each class has 4 modes (sub-populations), so nearest neighbours mean
+something and an index has structure to find, as on real features.
 then runs each command as a user would (`python -m ltcli ...`, one process each) and records
 its wall time and peak RSS (getrusage of the child) beside the size of the float16 train
 matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
@@ -47,11 +50,32 @@ def counts_for(size: str) -> np.ndarray:
     return imagenet_lt_counts(total, n_max, n_min, c)
 
 
-def write_split(path: Path, counts: np.ndarray, mu: torch.Tensor, weight, bias, train_counts, split: str,
-                gen: torch.Generator, names: list[str]) -> None:
+R, MODES = 128, 4  # the features' subspace and the modes of each class
+SIGMA_CLASS, SIGMA_MODE, SIGMA_WITHIN, SIGMA_OFF = 0.28, 0.3, 0.3, 0.05
+
+
+class Generator:
+    """x = P (a_c + b_{c,m} + z) + e: class centre a_c, one of its modes b_{c,m}, within-mode
+    noise z (all in the subspace P), and a little isotropic noise e."""
+
+    def __init__(self, c: int, seed: int = 0):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.P = torch.linalg.qr(torch.randn(D, R, generator=self.gen))[0]
+        self.centres = torch.randn(c, R, generator=self.gen) * SIGMA_CLASS
+        self.modes = self.centres[:, None] + torch.randn(c, MODES, R, generator=self.gen) * SIGMA_MODE
+        self.mu = self.centres @ self.P.T  # class means in feature space
+
+    def draw(self, y: torch.Tensor) -> torch.Tensor:
+        m = torch.randint(MODES, (len(y),), generator=self.gen)
+        latent = self.modes[y, m] + torch.randn(len(y), R, generator=self.gen) * SIGMA_WITHIN
+        return latent @ self.P.T + torch.randn(len(y), D, generator=self.gen) * SIGMA_OFF
+
+
+def write_split(path: Path, counts: np.ndarray, g: Generator, weight, bias, train_counts, split: str,
+                names: list[str]) -> None:
     """One cache file, written in chunks through ltcli's own writer (no float32 copy of it all)."""
     y = torch.repeat_interleave(torch.arange(len(counts)), torch.as_tensor(counts))
-    y = y[torch.randperm(len(y), generator=gen)].numpy()
+    y = y[torch.randperm(len(y), generator=g.gen)].numpy()
     attrs = {"split": split, "class_names": names, "train_class_counts": [int(c) for c in train_counts],
              "backbone_sha256": "5ca1e" * 12 + "0000", "data_fingerprint": f"synthetic-{split}",
              "dataset_id": "scale-bench", "transform": "synthetic gaussians", "views": 1, "arch": "synthetic",
@@ -59,9 +83,7 @@ def write_split(path: Path, counts: np.ndarray, mu: torch.Tensor, weight, bias, 
     with FeatureWriter(path, rows=len(y), dim=D, labels=y, index=np.arange(len(y)), attrs=attrs, weight=weight,
                        bias=bias, batch_size=8192, overwrite=True, quiet=True) as w:
         for s in range(0, len(y), w.batch_size):
-            yy = torch.from_numpy(y[s : s + w.batch_size])
-            x = mu[yy] + torch.randn(len(yy), D, generator=gen)
-            w.write(s, x.to(torch.float16).numpy())
+            w.write(s, g.draw(torch.from_numpy(y[s : s + w.batch_size])).to(torch.float16).numpy())
         w.finish()
 
 
@@ -69,17 +91,18 @@ def make_caches(size: str, run: Path) -> int:
     """The run's features/{train,val,test}.h5; returns the bytes of the float16 train matrix."""
     _, _, _, c, val_per, test_per = SIZES[size]
     counts = counts_for(size)
-    gen = torch.Generator().manual_seed(0)
-    mu = torch.randn(c, D, generator=gen) * 0.12  # hard but learnable, as in bench/heads_speed.py
+    g = Generator(c)
     n = torch.as_tensor(counts, dtype=torch.float32)
-    noisy = mu + 0.12 * torch.randn(c, D, generator=gen)
-    weight = torch.nn.functional.normalize(noisy, dim=1) * (n / n.max()).pow(0.5).unsqueeze(1) * 0.5
+    # a biased, imperfect stage-1 classifier: noisy class directions whose norms and biases grow
+    # with the class size, as joint training on long-tailed data leaves them
+    noisy = g.mu + 0.5 * g.mu.norm(dim=1, keepdim=True).mean() / D ** 0.5 * torch.randn(c, D, generator=g.gen)
+    weight = torch.nn.functional.normalize(noisy, dim=1) * (n / n.max()).pow(0.5).unsqueeze(1) * 2.0
     bias = 0.5 * (n / n.max()).log()
     names = [f"c{i:05d}" for i in range(c)]
     feats = run / "features"
     for split, split_counts in (("train", counts), ("val", np.full(c, val_per)), ("test", np.full(c, test_per))):
         if not (feats / f"{split}.h5").exists():
-            write_split(feats / f"{split}.h5", split_counts, mu, weight, bias, counts, split, gen, names)
+            write_split(feats / f"{split}.h5", split_counts, g, weight, bias, counts, split, names)
     return int(counts.sum()) * D * 2
 
 

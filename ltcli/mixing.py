@@ -34,6 +34,8 @@ class MixedBatch:
     y_a: torch.Tensor
     y_b: torch.Tensor
     lam: float  # weight of y_a
+    perm: torch.Tensor | None = None  # partner of each row (y_b = y_a[perm])
+    kind: str = "none"  # none | mixup | cutmix
 
 
 def cutmix_box(height: int, width: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -64,7 +66,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, mix
         lam = 1.0 - (bottom - top) * (right - left) / (x.shape[-2] * x.shape[-1])
     else:
         x = x * lam + partner * (1.0 - lam)
-    return MixedBatch(x, y, y.index_select(0, perm), lam)
+    return MixedBatch(x, y, y.index_select(0, perm), lam, perm, "cutmix" if use_cutmix else "mixup")
 
 
 def log_prior(train_counts, device: torch.device | None = None) -> torch.Tensor:

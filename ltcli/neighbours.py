@@ -101,9 +101,19 @@ def candidates(index, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 def rerank(queries: np.ndarray, ids: np.ndarray, rows: Callable[[np.ndarray], np.ndarray], k: int,
-           metric: str) -> tuple[np.ndarray, np.ndarray]:
+           metric: str, chunk: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Exact scores of each query's candidates (bank rows fetched by `rows(sorted unique ids)`);
-    the k best, as exact_search returns them."""
+    the k best, as exact_search returns them. Queries go `chunk` at a time, so the gathered
+    candidate rows stay small (chunk x candidates x D)."""
+    scores = np.empty((queries.shape[0], k), dtype=np.float32)
+    best = np.empty((queries.shape[0], k), dtype=np.int64)
+    for s in range(0, queries.shape[0], chunk):
+        scores[s : s + chunk], best[s : s + chunk] = _rerank(queries[s : s + chunk], ids[s : s + chunk], rows, k,
+                                                             metric)
+    return scores, best
+
+
+def _rerank(queries, ids, rows, k, metric):
     valid = ids >= 0
     uniq, inverse = np.unique(np.where(valid, ids, 0), return_inverse=True)
     bank = rows(uniq)[inverse.reshape(ids.shape)]  # nq x kc x d

@@ -33,7 +33,35 @@ def training_options(weight_decay: float) -> dict[str, Opt]:
         "seed": seed_opt("seed of the initialisation and the sampling"),
         "sampling": Opt("class", str, "class: class-balanced (the paper's); instance: every sample once per epoch "
                         "(a linear probe)", choices=("class", "instance")),
+        "label_smoothing": Opt(0.0, float, "label smoothing ε of the loss (one ε for every class)", min=0.0,
+                               below=1.0),
+        "las_eps_head": Opt(None, float, "label-aware smoothing (MiSLAS): ε of the largest class; with "
+                            "--las-eps-tail, ε per class from its train count", min=0.0, below=1.0, optional=True),
+        "las_eps_tail": Opt(None, float, "label-aware smoothing: ε of the smallest class", min=0.0, below=1.0,
+                            optional=True),
     }
+
+
+def smoothing_per_class(options: dict, train_counts, device: torch.device) -> torch.Tensor | None:
+    """ε per class, or None for plain cross-entropy. Label-aware smoothing (Zhong et al. 2021,
+    MiSLAS's default 'concave' shape): ε_j = ε_tail + (ε_head − ε_tail) · sin(π/2 · (n_j − n_min) /
+    (n_max − n_min)), so the head classes, which the network is over-confident on, are smoothed
+    most. Otherwise --label-smoothing for every class."""
+    head, tail = options.get("las_eps_head"), options.get("las_eps_tail")
+    if (head is None) != (tail is None):
+        raise LtcliError("--las-eps-head / --las-eps-tail: give both (the ε of the largest and the smallest class)")
+    counts = torch.as_tensor(train_counts, dtype=torch.float64)
+    if head is not None:
+        if options.get("label_smoothing"):
+            raise LtcliError("--label-smoothing: not with --las-eps-head / --las-eps-tail (they set ε per class)")
+        span = float(counts.max() - counts.min())
+        frac = (counts - counts.min()) / span if span > 0 else torch.ones_like(counts)
+        eps = tail + (head - tail) * torch.sin(0.5 * math.pi * frac)
+    elif options.get("label_smoothing"):
+        eps = torch.full_like(counts, float(options["label_smoothing"]))
+    else:
+        return None
+    return eps.to(device, torch.float32)
 
 
 def effective_lr(options: dict) -> float:
@@ -207,7 +235,13 @@ def minus_ones(bs: int, device: torch.device) -> torch.Tensor:
     return torch.full((bs, 1), -1.0, device=device)
 
 
-def softmax_minus_onehot(z: torch.Tensor, y: torch.Tensor, neg_ones: torch.Tensor) -> torch.Tensor:
-    """Per-sample d(cross-entropy)/dz = softmax(z) - onehot(y), built in the softmax's buffer."""
+def softmax_minus_onehot(z: torch.Tensor, y: torch.Tensor, neg_ones: torch.Tensor,
+                         eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample d(cross-entropy)/dz = softmax(z) - target, built in the softmax's buffer. The
+    target is onehot(y), or with smoothing ε_y (per class): (1 - ε_y)·onehot(y) + ε_y / C."""
     p = torch.softmax(z, dim=1)
-    return p.scatter_add_(1, y.unsqueeze(1), neg_ones[: p.shape[0]])
+    if eps is None:
+        return p.scatter_add_(1, y.unsqueeze(1), neg_ones[: p.shape[0]])
+    e = eps.index_select(0, y).unsqueeze(1)
+    p.sub_(e / p.shape[1])
+    return p.scatter_add_(1, y.unsqueeze(1), e - 1.0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..featureset import FeatureSet
-from ._balanced import minus_ones, softmax_minus_onehot, train_balanced, training_options
+from ._balanced import minus_ones, smoothing_per_class, softmax_minus_onehot, train_balanced, training_options
 from .linear import LinearHead
 from .registry import register
 
@@ -40,11 +40,12 @@ class LWSHead(LinearHead):
         wd, mom, bs = self.options["weight_decay"], self.options["momentum"], self.options["batch_size"]
         bs = min(bs, len(train.labels))  # a batch never holds more rows than there are
         neg_ones, ones = minus_ones(bs, device), torch.ones(bs, device=device)
+        eps = smoothing_per_class(self.options, train.train_counts, device)
 
         def step(x: torch.Tensor, y: torch.Tensor, neg_lr: torch.Tensor) -> None:
             # SGD with momentum on s; dL/ds_j = mean_i g_ij z0_ij (z0: the frozen joint logits)
             z0 = torch.addmm(b0, x, wt)
-            g = softmax_minus_onehot(z0 * s, y, neg_ones).mul_(z0)
+            g = softmax_minus_onehot(z0 * s, y, neg_ones, eps).mul_(z0)
             buf.addmv_(g.t(), ones[: x.shape[0]], beta=mom, alpha=1.0 / x.shape[0])
             if wd:
                 buf.add_(s, alpha=wd)
