@@ -61,7 +61,7 @@ def test_h5py_reads_the_cache_directly(pipe):
     for split, n in SPLIT_ROWS.items():
         with h5py.File(run / "features" / f"{split}.h5", "r") as f:
             assert f["features"].shape == (n, 64) and f["features"].dtype == np.float16
-            assert f["features"].chunks is not None  # chunked by rows
+            assert f["features"].chunks is None  # contiguous: memory-mapped by readers
             assert f["labels"].dtype == np.int64 and f["labels"].shape == (n,)
             assert f["index"].dtype == np.int64 and f["index"][()].tolist() == list(range(n))
             np.testing.assert_array_equal(f["classifier/weight"][()], ckpt["model"]["fc.weight"].numpy())

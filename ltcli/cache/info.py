@@ -24,7 +24,7 @@ def info(path: str | os.PathLike, *, many: float = 100, few: float = 20) -> dict
             labels = np.asarray(labels_ds[()], dtype=np.int64)
             has_w = "classifier" in f and "weight" in f["classifier"]
             w_shape = list(f["classifier"]["weight"].shape) if has_w else None
-        except OSError as exc:
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise LtcliError(f"{path}: corrupt or truncated features file ({h5_reason(exc)})") from None
         shape = list(feats.shape)
         dtype = str(np.dtype(feats.dtype))

@@ -112,7 +112,7 @@ def read_features(path: str | os.PathLike, *, mmap: bool = False) -> FeatureSet:
                     weight = torch.from_numpy(np.asarray(g["weight"][()], dtype=np.float32))
                 if "bias" in g:
                     bias = torch.from_numpy(np.asarray(g["bias"][()], dtype=np.float32))
-        except OSError as exc:
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:  # damaged data or metadata
             raise LtcliError(
                 f"{path}: corrupt or truncated features file ({h5_reason(exc)})"
             ) from None

@@ -3,7 +3,7 @@
 Layout of one split's file::
 
     /features            N x D (or N x K x D with K views), float16 (default) or float32,
-                         chunked by rows, allocated in full when the file is created
+                         one contiguous block allocated in full when the file is created
     /labels              N int64
     /index               N int64: position of each row in the split's image list
     /classifier/weight   C x D float32 (the stage-1 linear classifier; absent when there is none)
@@ -76,7 +76,6 @@ SHARD = tuple(a.name for a in ATTRS if a.shard)
 # what must agree wherever artifacts meet (feature files, heads, predict's backbone)
 SOURCE_KEYS = ("backbone_sha256", "dataset_id")
 
-CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk of /features
 CACHE_BYTES = 32 << 20  # raw-data chunk cache per open file
 READ_ROWS_BYTES = 64 << 20  # rows read per step when loading /features
 
@@ -233,10 +232,13 @@ def attrs_of(f, path: Path) -> dict[str, Any]:
 
 def datasets_of(f, path: Path, attrs: Mapping[str, Any]):
     """(/features, /labels, /index) of an open file, their shapes and dtypes checked."""
-    for name in ("features", "labels", "index"):
-        if name not in f or not hasattr(f[name], "shape"):
-            raise LtcliError(f"{path}: not an ltcli features file (missing dataset /{name})")
-    feats, labels, index = f["features"], f["labels"], f["index"]
+    try:
+        for name in ("features", "labels", "index"):
+            if name not in f or not hasattr(f[name], "shape"):
+                raise LtcliError(f"{path}: not an ltcli features file (missing dataset /{name})")
+        feats, labels, index = f["features"], f["labels"], f["index"]
+    except (KeyError, OSError, ValueError, RuntimeError) as exc:  # damaged metadata inside the file
+        raise LtcliError(f"{path}: corrupt features file ({h5_reason(exc)})") from None
     for name, ds, kinds, what in (("features", feats, "fiu", "numbers"), ("labels", labels, "iu", "integers"),
                                   ("index", index, "iu", "integers")):
         if ds.dtype.kind not in kinds:

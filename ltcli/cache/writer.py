@@ -27,7 +27,7 @@ from ..console import err_console
 from ..errors import JobFailed, LtcliError
 from ..io import exclusive_lock, fsync_dir, fsync_file
 from .compat import check_cache_options
-from .schema import (CACHE_BYTES, CHAIN_START, CHUNK_BYTES, DTYPES, IDENTITY, WRITER_KEPT, chain_step, first_line,
+from .schema import (CACHE_BYTES, CHAIN_START, DTYPES, IDENTITY, WRITER_KEPT, chain_step, first_line,
                      grid, h5_reason, is_enospc, is_true, job_attrs, open_h5, plain, short)
 
 
@@ -283,10 +283,10 @@ class FeatureWriter:
         try:
             tmp.unlink(missing_ok=True)
             with h5py.File(tmp, "w", locking="best-effort") as f:
-                row_elems = self.views * self.dim
-                chunk_rows = max(1, min(max(self.rows, 1), CHUNK_BYTES // max(1, row_elems * self.np_dtype.itemsize)))
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                dcpl.set_chunk((chunk_rows,) + self.shape[1:])
+                # one contiguous block, allocated now: rows are written in place, and readers
+                # memory-map it whatever its size (chunked data would have B-tree nodes among it)
+                dcpl.set_layout(h5py.h5d.CONTIGUOUS)
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)   # whole layout fixed now
                 dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)     # no zero-fill pass
                 dcpl.set_obj_track_times(False)                  # no timestamps
