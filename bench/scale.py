@@ -51,7 +51,7 @@ def counts_for(size: str) -> np.ndarray:
 
 
 R, MODES = 128, 4  # the features' subspace and the modes of each class
-SIGMA_CLASS, SIGMA_MODE, SIGMA_WITHIN, SIGMA_OFF = 0.28, 0.3, 0.3, 0.05
+SIGMA_CLASS, SIGMA_MODE, SIGMA_WITHIN, SIGMA_OFF = 0.12, 0.3, 0.45, 0.05
 
 
 class Generator:
@@ -123,6 +123,25 @@ def run_measured(args: list[str]) -> dict:
             "peak_rss": usage.ru_maxrss * 1024, "exit": proc.returncode, "stderr_tail": tail}
 
 
+def bare_products(run: Path, epochs: int, batch: int = 512) -> float:
+    """Seconds of the matrix products one cRT epoch needs, bare: per step x Wᵀ (forward) and
+    gᵀ x (backward) on float32 batches of the cached rows, as many steps as `epochs` epochs."""
+    from ltcli.cache import read_features
+
+    fs = read_features(run / "features" / "train.h5", mmap=True)
+    n, c = fs.features.shape[0], fs.num_classes
+    steps = epochs * -(-n // batch)
+    g = torch.Generator().manual_seed(1)
+    xs = [fs.features[i * batch : (i + 1) * batch].to(torch.float32) for i in range(8)]
+    w = torch.rand(c, D, generator=g) * 0.02 - 0.01
+    t0 = time.perf_counter()
+    for i in range(steps):
+        x = xs[i % 8]
+        z = x @ w.T
+        w.sub_(torch.mm(z.t(), x), alpha=1e-9)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), required=True)
@@ -160,12 +179,16 @@ def main() -> None:
         for line in res["stderr_tail"]:
             if "index" in line or "error" in line or "failed" in line:
                 print(f"          {line}", file=sys.stderr)
+    bare = bare_products(run, epochs)
+    fit = {r["command"].split("--method ")[1].split()[0]: r["seconds"] for r in results if "fit-head" in r["command"]}
+    print(f"bare products of {epochs} cRT epoch(s): {bare:.1f} s; cRT fit {fit['crt']:.1f} s "
+          f"({fit['crt'] / bare:.2f}x), LWS fit {fit['lws']:.1f} s ({fit['lws'] / bare:.2f}x)", file=sys.stderr)
     head = run / "heads" / "knn.pt"
     summary = {
         "size": a.size, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "train_rows": int(train_bytes // (2 * D)), "dim": D,
         "train_fp16_bytes": train_bytes, "ceiling_bytes": ceiling, "cache_seconds": round(made, 1),
-        "crt_lws_epochs": epochs, "commands": results,
+        "crt_lws_epochs": epochs, "commands": results, "bare_products_s": round(bare, 1),
         "knn_head_bytes": head.stat().st_size if head.exists() else None,
         "train_cache_bytes": (run / "features" / "train.h5").stat().st_size,
         "eval": json.loads((run / "reports" / "eval-test.json").read_text())["heads"] if (run / "reports" / "eval-test.json").exists() else None,

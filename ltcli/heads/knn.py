@@ -30,7 +30,8 @@ from .ncm import _chunks, _normalise, train_mean
 from .registry import register
 
 RECALL_QUERIES = 500  # train rows used as queries to measure an index's recall at fit time
-TRAIN_SAMPLE = 32_768  # rows an approximate index is trained on (256 MiB at D = 2048)
+QUERY_BYTES = 128 << 20  # float32 queries scored at a time (16k at D = 2048)
+TRAIN_SAMPLE = 16_384  # rows an approximate index is trained on (128 MiB at D = 2048)
 
 
 @register
@@ -157,26 +158,35 @@ class KNNHead(Head):
 
     # ---- scoring -------------------------------------------------------------------------
     def logits(self, feats: torch.Tensor, *, device=None, source: str = "features", progress=None) -> torch.Tensor:
-        """All queries in one pass over the bank (chunked queries would re-read it per chunk);
-        progress(bank rows searched, bank rows) for the exact search."""
+        """Scores of every query. Queries go in blocks of up to QUERY_BYTES (each block is one pass
+        over the bank for the exact search); progress(queries done, queries)."""
         self.check_features(feats, source)
         n = int(feats.shape[0])
-        q = np.empty((n, self.dim), dtype=np.float32)
-        step = max(1, _CPU_CHUNK_ELEMS // max(1, feats[0].numel())) if n else 1
-        for s in range(0, n, step):
-            x = feats[s : s + step].to(torch.float32)
-            check_chunk_finite(x.reshape(x.shape[0], -1), s, source)
-            q[s : s + x.shape[0]] = self._prep(x)
+        out = torch.empty((n, self.num_classes), dtype=torch.float32)
+        block = max(1, QUERY_BYTES // (4 * self.dim))
         k = min(self.options["k"], len(self.bank_labels))
         index = self._get_index()
-        if index is None:
-            n_bank = len(self.bank_labels)
-            scores, ids = neighbours.exact_search(q, self._chunks, k, self.options["metric"],
-                                                  None if progress is None else (lambda d: progress(d, n_bank)))
-        else:
-            scores, ids = neighbours.rerank(q, neighbours.candidates(index, q, k), self._rows, k,
-                                            self.options["metric"])
-        return self._votes(q, scores, ids)
+        for s in range(0, n, block):
+            q = self._queries(feats[s : s + block], s, source)
+            if index is None:
+                scores, ids = neighbours.exact_search(q, self._chunks, k, self.options["metric"])
+            else:
+                scores, ids = neighbours.rerank(q, neighbours.candidates(index, q, k), self._rows, k,
+                                                self.options["metric"])
+            out[s : s + q.shape[0]] = self._votes(q, scores, ids)
+            if progress is not None:
+                progress(s + q.shape[0], n)
+        return out
+
+    def _queries(self, feats: torch.Tensor, start: int, source: str) -> np.ndarray:
+        """float32 queries as the index holds the bank, refusing NaN / inf (row numbers from `start`)."""
+        q = np.empty((int(feats.shape[0]), self.dim), dtype=np.float32)
+        step = max(1, _CPU_CHUNK_ELEMS // max(1, feats[0].numel())) if len(q) else 1
+        for s in range(0, len(q), step):
+            x = feats[s : s + step].to(torch.float32)
+            check_chunk_finite(x.reshape(x.shape[0], -1), start + s, source)
+            q[s : s + x.shape[0]] = self._prep(x)
+        return q
 
     def _votes(self, q: np.ndarray, scores: np.ndarray, ids: np.ndarray) -> torch.Tensor:
         valid = ids >= 0
