@@ -29,7 +29,7 @@ try:  # Python >= 3.11
 except ImportError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-COMMANDS = ("train-backbone", "quickstart", "extract", "fit-head")
+COMMANDS = ("train-backbone", "quickstart", "extract", "fit-head", "tune-tau", "eval", "predict", "import-features")
 MAX_CONFIG_BYTES = 1 << 20
 
 

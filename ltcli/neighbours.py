@@ -2,15 +2,16 @@
 
 - exact: every query against every bank row, the bank streamed in chunks (from the memory-
   mapped cache), the k best kept in a heap; memory is one chunk, whatever N is.
-- ivf: an inverted file with product-quantised codes (IVF-PQ; IVF-Flat for small banks),
-  nprobe lists visited per query.
-- hnsw: a graph over 8-bit scalar-quantised vectors (HNSW-SQ8), efSearch candidates per query.
+- ivf: an inverted file over the cache. k-means centroids (FAISS) split the bank into lists;
+  the index is the centroids and each row's list, so it is small (no vector is copied). A
+  query visits its `nprobe` nearest lists and is scored exactly against their rows, read
+  from the cache a list at a time for all the queries that visit it.
+- hnsw: a graph over 8-bit scalar-quantised vectors (HNSW-SQ8; D bytes a row), whose
+  candidates are re-ranked exactly against the cache rows.
 
-The approximate indexes return candidates that are then re-ranked exactly against the bank
-rows (gathered from the cache), so only the candidates' order is approximate; their knob
-(nprobe, efSearch) is chosen at fit time as the smallest that reaches the target recall
-against the exact search on a sample of queries. Indexes are stored with FAISS's own
-serialisation and checked by sha256."""
+The knob (nprobe, efSearch) is chosen at fit time as the smallest that reaches the target
+recall against the exact search on a sample of queries. The HNSW index is stored with FAISS's
+own serialisation and checked by sha256."""
 
 from __future__ import annotations
 
@@ -56,42 +57,72 @@ def exact_search(queries: np.ndarray, chunks: Chunks, k: int, metric: str,
     return heap.D, heap.I
 
 
-def pq_subquantizers(d: int) -> int:
-    """About 16 dimensions per PQ sub-quantizer (a divisor of d): 128 bytes a 2048-d vector."""
-    target = max(1, d // 16)
-    return max(m for m in range(1, target + 1) if d % m == 0)
+def train_ivf(sample: np.ndarray, n: int, metric: str, nlist: int | None = None, seed: int = 0) -> np.ndarray:
+    """k-means centroids (nlist x D float32) of a sample of the bank: ~4 sqrt(N) lists, with
+    at least 39 training points each (FAISS's rule)."""
+    nlist = int(nlist or max(1, min(4 * math.sqrt(n), len(sample) // 39)))
+    nlist = max(1, min(nlist, len(sample)))
+    km = _faiss().Kmeans(sample.shape[1], nlist, niter=20, seed=seed, spherical=metric == "cosine",
+                         verbose=False)
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return km.centroids.astype(np.float32)
 
 
-def build(kind: str, chunks: Chunks, n: int, d: int, metric: str, sample: np.ndarray,
-          nlist: int | None = None, seed: int = 0):
-    """An approximate index over the bank: trained on `sample`, then every chunk added."""
+def assign_lists(chunks: Chunks, centroids: np.ndarray, metric: str) -> np.ndarray:
+    """The list (nearest centroid) of every bank row, int32."""
     faiss = _faiss()
-    m = _metric(metric)
-    if kind == "ivf":
-        # ~4 sqrt(N) lists, with at least 39 training points each (FAISS's k-means rule)
-        nlist = nlist or int(max(1, min(4 * math.sqrt(n), len(sample) // 39)))
-        quantizer = faiss.IndexFlat(d, m)
-        if n * d * 4 <= 64 << 20:  # a small bank: its vectors as they are
-            index = faiss.IndexIVFFlat(quantizer, d, nlist, m)
-        else:
-            index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_subquantizers(d), 8, m)
-        index.cp.seed = seed
-    elif kind == "hnsw":  # the graph over 8-bit scalar-quantised vectors (D bytes each)
-        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, 32, m)
-    else:
-        raise LtcliError(f"--index {kind}: choose {', '.join(INDEXES)}")
+    out = []
+    for _, xb in chunks():
+        _, i = faiss.knn(xb, centroids, 1, metric=_metric(metric))
+        out.append(i[:, 0].astype(np.int32))
+    return np.concatenate(out) if out else np.zeros(0, np.int32)
+
+
+def ivf_search(queries: np.ndarray, centroids: np.ndarray, lists: np.ndarray, rows: Callable, k: int, nprobe: int,
+               metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, ids) as exact_search returns them, over the rows of each query's nprobe nearest
+    lists. Each list is read once for every query that visits it."""
+    faiss = _faiss()
+    nq, nprobe = queries.shape[0], int(min(nprobe, centroids.shape[0]))
+    _, probes = faiss.knn(queries, centroids, nprobe, metric=_metric(metric))  # nq x nprobe
+    order = np.argsort(lists, kind="stable")
+    bounds = np.searchsorted(lists[order], np.arange(centroids.shape[0] + 1))
+    worst = -np.inf if metric == "cosine" else np.inf
+    cand_s = np.full((nq, nprobe * k), worst, dtype=np.float32)
+    cand_i = np.full((nq, nprobe * k), -1, dtype=np.int64)
+    flat = probes.ravel()
+    visit = np.argsort(flat, kind="stable")  # (query, slot) pairs grouped by list
+    starts = np.searchsorted(flat[visit], np.arange(centroids.shape[0] + 1))
+    for lst in np.unique(flat[flat >= 0]):
+        members = np.sort(order[bounds[lst] : bounds[lst + 1]])
+        if len(members) == 0:
+            continue
+        pairs = visit[starts[lst] : starts[lst + 1]]
+        qi, slot = pairs // nprobe, pairs % nprobe
+        bank = rows(members)
+        s = queries[qi] @ bank.T
+        if metric != "cosine":  # squared distances
+            s = (queries[qi] ** 2).sum(1, keepdims=True) - 2 * s + (bank ** 2).sum(1)[None]
+        kk = min(k, len(members))
+        top = np.argpartition(-s if metric == "cosine" else s, kk - 1, axis=1)[:, :kk]
+        cols = slot[:, None] * k + np.arange(kk)[None]
+        cand_s[qi[:, None], cols] = np.take_along_axis(s, top, 1)
+        cand_i[qi[:, None], cols] = members[top]
+    best = np.argsort(-cand_s if metric == "cosine" else cand_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cand_s, best, 1), np.take_along_axis(cand_i, best, 1)
+
+
+def build_hnsw(chunks: Chunks, d: int, metric: str, sample: np.ndarray):
+    """HNSW over 8-bit scalar-quantised vectors (the quantiser trained on `sample`)."""
+    index = _faiss().IndexHNSWSQ(d, _faiss().ScalarQuantizer.QT_8bit, 32, _metric(metric))
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     for _, xb in chunks():
         index.add(xb)
     return index
 
 
-def set_knob(index, kind: str, value: int) -> None:
-    faiss = _faiss()
-    if kind == "ivf":
-        faiss.extract_index_ivf(index).nprobe = int(value)
-    else:
-        index.hnsw.efSearch = int(value)
+def set_knob(index, value: int) -> None:
+    index.hnsw.efSearch = int(value)
 
 
 def candidates(index, queries: np.ndarray, k: int) -> np.ndarray:
@@ -136,20 +167,16 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def tune_knob(index, kind: str, queries: np.ndarray, truth: np.ndarray, rows, k: int, metric: str,
-              target: float = TARGET_RECALL) -> tuple[int, float]:
-    """The smallest nprobe / efSearch whose re-ranked results reach `target` recall@k."""
-    recall = 0.0
-    value = KNOBS[kind][0]
+def tune_knob(search: Callable[[np.ndarray, int], np.ndarray], kind: str, queries: np.ndarray, truth: np.ndarray,
+              limit: int, target: float = TARGET_RECALL) -> tuple[int, float]:
+    """The smallest knob value (of KNOBS[kind], at most `limit`) whose search(queries, value) ->
+    ids reaches `target` recall against `truth`."""
+    recall, value = 0.0, KNOBS[kind][0]
     for value in KNOBS[kind]:
-        if kind == "ivf" and value > _faiss().extract_index_ivf(index).nlist:
+        value = min(value, limit)
+        recall = recall_at(search(queries, value), truth)
+        if recall >= target or value >= limit:
             break
-        set_knob(index, kind, value)
-        _, ids = rerank(queries, candidates(index, queries, k), rows, k, metric)
-        recall = recall_at(ids, truth)
-        if recall >= target:
-            break
-    set_knob(index, kind, value)
     return value, recall
 
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 

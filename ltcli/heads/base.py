@@ -144,7 +144,7 @@ class Head:
     def _check_train(self, train: FeatureSet, values: bool = True) -> None:
         src = source_name(train)
         _check_feature_tensor(train.features, src)
-        n, c, d = int(train.features.shape[0]), train.num_classes, train.dim
+        n, c = int(train.features.shape[0]), train.num_classes
         if n == 0:
             raise LtcliError(f"{src}: holds no samples")
         if c == 0:

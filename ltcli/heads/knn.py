@@ -43,8 +43,9 @@ class KNNHead(Head):
         "k": Opt(10, int, "neighbours that vote", min=1, max=10_000),
         "metric": Opt("cosine", str, "cosine or euclidean", choices=faiss_index.METRICS),
         "weighting": Opt("distance", str, "vote 1/(1+d) or 1 per neighbour", choices=("distance", "count")),
-        "index": Opt("flat", str, "flat: exact search of the train cache; ivf / hnsw: an approximate index "
-                     "(re-ranked exactly) for large caches", choices=neighbours.INDEXES),
+        "index": Opt("flat", str, "flat: exact search of the train cache; ivf: an inverted file over the cache "
+                     "(small, exact within the lists visited); hnsw: a graph over 8-bit codes (D bytes a row), "
+                     "re-ranked exactly", choices=neighbours.INDEXES),
         "nlist": Opt(None, int, "ivf: inverted lists (default 4 * sqrt(N))", min=1, max=1 << 20, optional=True),
     }
     checks_values_on_device = True  # train_mean checks NaN/inf in its pass
@@ -69,6 +70,7 @@ class KNNHead(Head):
             self.bank = half if torch.equal(half.to(torch.float32), bank) else bank
         self._source = feats
         self.index_bytes, self.index_sha, self.knob, self.recall = None, None, 0, None
+        self.centroids = self.lists = None
         if self.options["index"] != "flat":
             self._build_index(train)
         self._index = None
@@ -81,27 +83,42 @@ class KNNHead(Head):
         return _normalise(sums)
 
     def _build_index(self, train: FeatureSet) -> None:
-        kind, n, k = self.options["index"], len(self.bank_labels), self.options["k"]
+        kind, n, metric = self.options["index"], len(self.bank_labels), self.options["metric"]
+        k = min(self.options["k"], n)
         rng = np.random.default_rng(0)
         sample = self._rows(np.sort(rng.choice(n, size=min(n, TRAIN_SAMPLE), replace=False)))
-        index = neighbours.build(kind, self._chunks, n, self.dim, self.options["metric"], sample,
-                                 nlist=self.options["nlist"])
+        if kind == "ivf":
+            centroids = neighbours.train_ivf(sample, n, metric, self.options["nlist"])
+            self.centroids = torch.from_numpy(centroids)
+            self.lists = torch.from_numpy(neighbours.assign_lists(self._chunks, centroids, metric))
+            limit, what = len(centroids), f"{len(centroids)} lists over the cache, nprobe"
+        else:
+            index = self._index = neighbours.build_hnsw(self._chunks, self.dim, metric, sample)
+            limit, what = neighbours.KNOBS["hnsw"][-1], "HNSW-SQ8, efSearch"
+        del sample
         queries = self._rows(np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False)))
         t0 = time.perf_counter()
-        _, truth = neighbours.exact_search(queries, self._chunks, min(k, n), self.options["metric"])
+        _, truth = neighbours.exact_search(queries, self._chunks, k, metric)
         exact_s = time.perf_counter() - t0
-        self.knob, self.recall = neighbours.tune_knob(index, kind, queries, truth, self._rows, min(k, n),
-                                                      self.options["metric"])
+        self.knob, self.recall = neighbours.tune_knob(lambda q, v: self._search(q, k, v)[1], kind, queries, truth,
+                                                      limit)
         t0 = time.perf_counter()
-        neighbours.rerank(queries, neighbours.candidates(index, queries, min(k, n)), self._rows, min(k, n),
-                          self.options["metric"])
+        self._search(queries, k, self.knob)
         speedup = exact_s / max(time.perf_counter() - t0, 1e-9)
-        data, self.index_sha = neighbours.serialize(index)
-        self.index_bytes = torch.from_numpy(data.copy())
-        knob = "nprobe" if kind == "ivf" else "efSearch"
-        self.fit_note = (f"{kind} index ({type(index).__name__}, {knob} {self.knob}): recall@{min(k, n)} "
-                         f"{self.recall:.3f} against exact search on {len(queries)} train queries, "
-                         f"{speedup:.1f}x faster than exact search on them")
+        if kind == "hnsw":
+            data, self.index_sha = neighbours.serialize(index)
+            self.index_bytes = torch.from_numpy(data.copy())
+        self.fit_note = (f"{kind} index ({what} {self.knob}): recall@{k} {self.recall:.3f} against exact search "
+                         f"on {len(queries)} train queries, {speedup:.1f}x faster than exact search on them")
+
+    def _search(self, q: np.ndarray, k: int, knob: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k best bank rows by the head's index at `knob`."""
+        metric = self.options["metric"]
+        if self.options["index"] == "ivf":
+            return neighbours.ivf_search(q, self.centroids.numpy(), self.lists.numpy(), self._rows, k, knob, metric)
+        index = self._get_index()
+        neighbours.set_knob(index, knob)
+        return neighbours.rerank(q, neighbours.candidates(index, q, k), self._rows, k, metric)
 
     # ---- the bank ------------------------------------------------------------------------
     def _prep(self, x: torch.Tensor) -> np.ndarray:
@@ -153,7 +170,6 @@ class KNNHead(Head):
     def _get_index(self):
         if self.index_bytes is not None and getattr(self, "_index", None) is None:
             self._index = neighbours.deserialize(self.index_bytes.numpy(), self.index_sha, "kNN head")
-            neighbours.set_knob(self._index, self.options["index"], self.knob)
         return getattr(self, "_index", None)
 
     # ---- scoring -------------------------------------------------------------------------
@@ -165,14 +181,12 @@ class KNNHead(Head):
         out = torch.empty((n, self.num_classes), dtype=torch.float32)
         block = max(1, QUERY_BYTES // (4 * self.dim))
         k = min(self.options["k"], len(self.bank_labels))
-        index = self._get_index()
         for s in range(0, n, block):
             q = self._queries(feats[s : s + block], s, source)
-            if index is None:
+            if self.options["index"] == "flat":
                 scores, ids = neighbours.exact_search(q, self._chunks, k, self.options["metric"])
             else:
-                scores, ids = neighbours.rerank(q, neighbours.candidates(index, q, k), self._rows, k,
-                                                self.options["metric"])
+                scores, ids = self._search(q, k, self.knob)
             out[s : s + q.shape[0]] = self._votes(q, scores, ids)
             if progress is not None:
                 progress(s + q.shape[0], n)
@@ -219,7 +233,11 @@ class KNNHead(Head):
         else:
             state.update(bank_file=self.bank_file, bank_rows_sha256=self.bank_chain)
         if self.index_bytes is not None:
-            state.update(index=self.index_bytes, index_sha256=self.index_sha, recall=float(self.recall))
+            state.update(index=self.index_bytes, index_sha256=self.index_sha)
+        if self.centroids is not None:
+            state.update(centroids=self.centroids, lists=self.lists)
+        if self.recall is not None:
+            state["recall"] = float(self.recall)
         return state
 
     def _load_state(self, state: dict) -> None:
@@ -240,14 +258,23 @@ class KNNHead(Head):
         if self.bank is None and not (isinstance(self.bank_file, str) and isinstance(self.bank_chain, str)):
             raise LtcliError("head state: neither 'bank' nor 'bank_file' / 'bank_rows_sha256'")
         self.knob = get_int(state, "knob", min_value=0) if "knob" in state else 0
-        index = state.get("index")
-        self.index_bytes, self.index_sha, self.recall = None, None, None
-        if index is not None:
+        self.index_bytes, self.index_sha, self.centroids, self.lists = None, None, None, None
+        self.recall = state.get("recall")
+        if self.options["index"] == "hnsw":
+            index = state.get("index")
             if not isinstance(index, torch.Tensor) or index.dtype != torch.uint8 or index.dim() != 1:
-                raise LtcliError("head state: 'index' is not a byte tensor")
+                raise LtcliError("head state: 'index' missing or not a byte tensor")
             if not isinstance(state.get("index_sha256"), str):
                 raise LtcliError("head state: 'index_sha256' missing")
-            self.index_bytes, self.index_sha, self.recall = index, state["index_sha256"], state.get("recall")
-        elif self.options["index"] != "flat":
-            raise LtcliError(f"head state: index '{self.options['index']}' but no 'index' stored")
+            self.index_bytes, self.index_sha = index, state["index_sha256"]
+        elif self.options["index"] == "ivf":
+            cents = state.get("centroids")
+            nlist = int(cents.shape[0]) if isinstance(cents, torch.Tensor) and cents.dim() == 2 else 0
+            if nlist < 1:
+                raise LtcliError("head state: 'centroids' missing or not an nlist x D tensor")
+            self.centroids = get_tensor(state, "centroids", (nlist, self.dim)).float()
+            lists = get_tensor(state, "lists", (n,), floating=False)
+            if int(lists.min()) < 0 or int(lists.max()) >= nlist:
+                raise LtcliError("head state: 'lists' out of range for the centroids")
+            self.lists = lists.to(torch.int32)
         self._index = None

@@ -20,9 +20,8 @@ from ..models import build_model
 from ..options import opt, or_list, seed_opt
 from ..rundir import RunDir, dataset_id as make_dataset_id, file_sha256
 from ..runtime import AMP_HELP, DEVICE_HELP, init_distributed, local_device, resolve_device, shutdown_distributed
-from .common import dataset_run_info, log_event
+from .common import DataOptions, dataset_run_info, log_event
 from .stage1 import ensure_stage1
-from .train import DataOptions
 
 SPLITS = ("train", "val", "test")
 

@@ -8,7 +8,6 @@ stream)."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -25,46 +24,13 @@ from ..io import atomic_torch_save
 from ..mixing import LOSSES, log_prior
 from ..inputs import input_size, probe_native_size
 from ..models import build_model, check_input_size
-from ..options import SEED_RULE, Options, opt
+from ..options import opt
 from ..rundir import RunDir, file_sha256
 from ..runtime import (AMP_HELP, DEVICE_HELP, amp_dtype, init_distributed, local_device, resolve_device,
                        seed_everything, shutdown_distributed)
 from ..sampling import LongTailSampler, strategy_q
 from ..trainer import TrainImages, epoch_line, evaluate_model, make_optimizer, train_one_epoch
-from .common import dataset_run_info, environment, log_event
-
-DATA_HELP = ("Dataset: synthetic (built-in), imagefolder:ROOT, list:ROOT:TRAIN.txt[,VAL.txt[,TEST.txt]], "
-             "inat:ROOT, cifar10, cifar100.")
-
-
-@dataclass(kw_only=True)
-class DataOptions(Options):
-    """Which images, and the long-tailed profile taken of them."""
-
-    data: str = opt("synthetic", str, DATA_HELP)
-    imbalance_factor: float | None = opt(None, float, "Subsample train to n_i = n_max * IF^(-i/(C-1)) (IF >= 1).",
-                                         min=1.0, optional=True)
-    val_per_class: int = opt(0, int, "Hold out K images per class as a balanced val split (before subsampling); "
-                             "a class gives min(K, n - 1), never its last train image.", min=0, max=1_000_000)
-    seed: int = opt(0, int, "Seeds data selection, init, sampling and augmentation.", min=0, max=2**63 - 1,
-                    rule=SEED_RULE)
-    skip_bad_images: bool = opt(False, bool, "Skip unreadable images (recorded in run.json) instead of failing.")
-    verify: bool = opt(False, bool, "Fingerprint the images by their bytes (sha256), not only by size and "
-                       "modification time (slower; catches a file rewritten with the same size and time).")
-    allow_outside_root: bool = opt(False, bool, "Let list-file paths point outside ROOT.")
-    synthetic_classes: int | None = opt(None, int, "Classes of the synthetic dataset (default 10).", optional=True)
-    synthetic_size: int | None = opt(None, int, "Image side of the synthetic dataset (default 32).", optional=True)
-
-    def data_config(self) -> DataConfig:
-        extra = {}
-        if self.synthetic_classes is not None:
-            extra["num_classes"] = self.synthetic_classes
-        if self.synthetic_size is not None:
-            extra["image_size"] = self.synthetic_size
-        return DataConfig(spec=self.data, seed=self.seed, imbalance_factor=self.imbalance_factor,
-                          val_per_class=self.val_per_class, skip_bad_images=self.skip_bad_images,
-                          allow_outside_root=self.allow_outside_root, verify=self.verify, **extra)
-
+from .common import DataOptions, dataset_run_info, environment, log_event
 
 @dataclass(kw_only=True)
 class TrainOptions(DataOptions):
