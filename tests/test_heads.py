@@ -420,3 +420,42 @@ def test_graph_driven_steps_equal_the_plain_loop(monkeypatch, method):
     monkeypatch.setattr(_balanced, "USE_GRAPHS", True)
     graphed = build_head(method, **opts).fit(tr, device="cpu")
     assert torch.equal(plain.linear()[0], graphed.linear()[0])
+
+
+# ---- kNN at scale: indexes and the cache reference ------------------------------------------------
+def _clustered(n=6000, c=20, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    modes = torch.randn(c * 4, d, generator=g) * 3
+    y = torch.randint(0, c * 4, (n,), generator=g)
+    x = modes[y] + torch.randn(n, d, generator=g) * 0.5
+    return make_fs(x.half(), y // 4), modes
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_knn_indexes_agree_with_exact_search(index, tmp_path):
+    from ltcli.heads import load_head, save_head
+
+    fs, modes = _clustered()
+    q = modes[torch.arange(0, 80, 3)] + torch.randn(27, 32, generator=torch.Generator().manual_seed(1)) * 0.5
+    exact = build_head("knn").fit(fs).logits(q)
+    head = build_head("knn", index=index).fit(fs)
+    assert head.recall >= 0.95 and "recall@10" in head.fit_note
+    got = head.logits(q)
+    assert (got.argmax(1) == exact.argmax(1)).float().mean() >= 0.9
+    save_head(head, tmp_path / "k.pt", {})
+    assert torch.equal(load_head(tmp_path / "k.pt")[0].logits(q), got)
+
+
+def test_knn_head_refers_to_the_train_cache(tiny_pipeline, tmp_path):
+    from conftest import check_ok, copy_run, run_cli
+
+    run = copy_run(tiny_pipeline, tmp_path / "run")
+    check_ok(run_cli(["fit-head", "--run", run, "--method", "knn"]))
+    head = run / "heads" / "knn.pt"
+    assert head.stat().st_size * 10 < (run / "features" / "train.h5").stat().st_size  # no bank copied
+    moved = tmp_path / "moved"
+    run.rename(moved)  # the run moves as a whole: its head finds its features beside it
+    check_ok(run_cli(["eval", "--run", moved, "--heads", "knn"]))
+    (moved / "features" / "train.h5").unlink()
+    r = run_cli(["eval", "--run", moved, "--heads", "knn"])
+    assert r.code == 2 and "the train features this kNN head searches are missing" in r.err
