@@ -3,8 +3,10 @@
 Writes synthetic feature caches with the real datasets' long-tail profiles (float16, D = 2048,
 a stage-1 classifier biased like a long-tailed joint model). The features are class-conditional
 Gaussians shaped like a CNN's: they live near a 128-d subspace (real embeddings have a fast-
-falling spectrum), and each class has 4 modes (sub-populations), so nearest neighbours mean
-something and an index has structure to find, as on real features.
+falling spectrum), and each class is 4 compact modes (sub-populations: poses, varieties)
+whose centres overlap other classes', so a class mean is a poor summary of a class, nearest
+neighbours mean something, and an index has structure to find, as on real features. (On
+isotropic within-class noise an inverted file finds no structure: see bench/RESULTS.md.)
 then runs each command as a user would (`python -m ltcli ...`, one process each) and records
 its wall time and peak RSS (getrusage of the child) beside the size of the float16 train
 matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
@@ -51,7 +53,7 @@ def counts_for(size: str) -> np.ndarray:
 
 
 R, MODES = 128, 4  # the features' subspace and the modes of each class
-SIGMA_CLASS, SIGMA_MODE, SIGMA_WITHIN, SIGMA_OFF = 0.12, 0.3, 0.45, 0.05
+SIGMA_CLASS, SIGMA_MODE, SIGMA_WITHIN, SIGMA_OFF = 0.12, 0.3, 0.3, 0.05
 
 
 class Generator:
@@ -79,7 +81,7 @@ def write_split(path: Path, counts: np.ndarray, g: Generator, weight, bias, trai
     attrs = {"split": split, "class_names": names, "train_class_counts": [int(c) for c in train_counts],
              "backbone_sha256": "5ca1e" * 12 + "0000", "data_fingerprint": f"synthetic-{split}",
              "dataset_id": "scale-bench", "transform": "synthetic gaussians", "views": 1, "arch": "synthetic",
-             "seed": 0, "stage1": "synthetic"}
+             "seed": 0, "stage1": "instance-balanced probe, 2 epochs"}
     with FeatureWriter(path, rows=len(y), dim=D, labels=y, index=np.arange(len(y)), attrs=attrs, weight=weight,
                        bias=bias, batch_size=8192, overwrite=True, quiet=True) as w:
         for s in range(0, len(y), w.batch_size):
@@ -88,21 +90,25 @@ def write_split(path: Path, counts: np.ndarray, g: Generator, weight, bias, trai
 
 
 def make_caches(size: str, run: Path) -> int:
-    """The run's features/{train,val,test}.h5; returns the bytes of the float16 train matrix."""
+    """The run's features/{train,val,test}.h5; returns the bytes of the float16 train matrix.
+
+    The stage-1 classifier is what joint training on long-tailed data leaves: a linear
+    classifier fitted with instance-balanced sampling on the train features (2 epochs of
+    ltcli's cRT recipe with --sampling instance), biased towards the frequent classes."""
+    from ltcli.cache import read_features, rewrite_with_classifier
+    from ltcli.heads import build_head
+
     _, _, _, c, val_per, test_per = SIZES[size]
     counts = counts_for(size)
     g = Generator(c)
-    n = torch.as_tensor(counts, dtype=torch.float32)
-    # a biased, imperfect stage-1 classifier: noisy class directions whose norms and biases grow
-    # with the class size, as joint training on long-tailed data leaves them
-    noisy = g.mu + 0.5 * g.mu.norm(dim=1, keepdim=True).mean() / D ** 0.5 * torch.randn(c, D, generator=g.gen)
-    weight = torch.nn.functional.normalize(noisy, dim=1) * (n / n.max()).pow(0.5).unsqueeze(1) * 2.0
-    bias = 0.5 * (n / n.max()).log()
     names = [f"c{i:05d}" for i in range(c)]
     feats = run / "features"
-    for split, split_counts in (("train", counts), ("val", np.full(c, val_per)), ("test", np.full(c, test_per))):
-        if not (feats / f"{split}.h5").exists():
-            write_split(feats / f"{split}.h5", split_counts, g, weight, bias, counts, split, names)
+    if not (feats / "test.h5").exists():
+        write_split(feats / "train.h5", counts, g, None, None, counts, "train", names)
+        probe = build_head("crt", sampling="instance", epochs=2).fit(read_features(feats / "train.h5", mmap=True))
+        rewrite_with_classifier(feats / "train.h5", probe.weight, probe.bias, "instance-balanced probe, 2 epochs")
+        for split, per in (("val", val_per), ("test", test_per)):
+            write_split(feats / f"{split}.h5", np.full(c, per), g, probe.weight, probe.bias, counts, split, names)
     return int(counts.sum()) * D * 2
 
 
@@ -142,6 +148,22 @@ def bare_products(run: Path, epochs: int, batch: int = 512) -> float:
     return time.perf_counter() - t0
 
 
+def knn_recall(run: Path, queries: int = 2000) -> dict:
+    """recall@k of the ivf kNN head's neighbours against the exact ones, on test queries."""
+    from ltcli import neighbours
+    from ltcli.cache import read_features
+    from ltcli.heads import load_head
+
+    ivf, _ = load_head(run / "heads" / "knn.pt")
+    test = read_features(run / "features" / "test.h5", mmap=True)
+    q = ivf._queries(test.features[:queries], 0, "test")
+    k = ivf.options["k"]
+    _, exact = neighbours.exact_search(q, ivf._chunks, k, ivf.options["metric"])
+    _, found = ivf._search(q, k, ivf.knob)
+    return {"recall@10": neighbours.recall_at(found, exact), "queries": len(q), "nprobe": ivf.knob,
+            "nlist": int(ivf.centroids.shape[0])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), required=True)
@@ -162,9 +184,12 @@ def main() -> None:
         ["fit-head", "--method", "crt", "--epochs", epochs, *r],
         ["fit-head", "--method", "lws", "--epochs", epochs, *r],
         ["fit-head", "--method", "knn", "--index", "ivf", *r],
+        ["fit-head", "--method", "knn", "--out", run / "heads" / "knn-flat.pt", *r],
         ["tune-tau", "--method", "tau-norm", *r],
         ["tune-tau", "--method", "logit-adjust", *r],
-        ["eval", *r],
+        ["eval", "--heads", "joint,ncm,crt,lws,tau-norm,logit-adjust,knn", *r],
+        ["eval", "--heads", "knn", "--out", run / "reports-knn-ivf", *r],
+        ["eval", "--heads", run / "heads" / "knn-flat.pt", "--out", run / "reports-knn-flat", *r],
     ]
     results = []
     ceiling = train_bytes + 2 * GIB
@@ -180,6 +205,10 @@ def main() -> None:
             if "index" in line or "error" in line or "failed" in line:
                 print(f"          {line}", file=sys.stderr)
     bare = bare_products(run, epochs)
+    knn = knn_recall(run)
+    print(f"kNN on test: ivf eval {results[-2]['seconds']} s, flat {results[-1]['seconds']} s "
+          f"({results[-1]['seconds'] / results[-2]['seconds']:.1f}x); recall@10 of ivf against flat "
+          f"{knn['recall@10']:.3f} on {knn['queries']} test queries", file=sys.stderr)
     fit = {r["command"].split("--method ")[1].split()[0]: r["seconds"] for r in results if "fit-head" in r["command"]}
     print(f"bare products of {epochs} cRT epoch(s): {bare:.1f} s; cRT fit {fit['crt']:.1f} s "
           f"({fit['crt'] / bare:.2f}x), LWS fit {fit['lws']:.1f} s ({fit['lws'] / bare:.2f}x)", file=sys.stderr)
@@ -188,7 +217,7 @@ def main() -> None:
         "size": a.size, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "train_rows": int(train_bytes // (2 * D)), "dim": D,
         "train_fp16_bytes": train_bytes, "ceiling_bytes": ceiling, "cache_seconds": round(made, 1),
-        "crt_lws_epochs": epochs, "commands": results, "bare_products_s": round(bare, 1),
+        "crt_lws_epochs": epochs, "commands": results, "bare_products_s": round(bare, 1), "knn_ivf": knn,
         "knn_head_bytes": head.stat().st_size if head.exists() else None,
         "train_cache_bytes": (run / "features" / "train.h5").stat().st_size,
         "eval": json.loads((run / "reports" / "eval-test.json").read_text())["heads"] if (run / "reports" / "eval-test.json").exists() else None,

@@ -59,11 +59,11 @@ def exact_search(queries: np.ndarray, chunks: Chunks, k: int, metric: str,
 
 def train_ivf(sample: np.ndarray, n: int, metric: str, nlist: int | None = None, seed: int = 0) -> np.ndarray:
     """k-means centroids (nlist x D float32) of a sample of the bank: ~4 sqrt(N) lists, with
-    at least 39 training points each (FAISS's rule)."""
-    nlist = int(nlist or max(1, min(4 * math.sqrt(n), len(sample) // 39)))
+    at least 20 training points each."""
+    nlist = int(nlist or max(1, min(4 * math.sqrt(n), len(sample) // 20)))
     nlist = max(1, min(nlist, len(sample)))
     km = _faiss().Kmeans(sample.shape[1], nlist, niter=20, seed=seed, spherical=metric == "cosine",
-                         verbose=False)
+                         verbose=False, min_points_per_centroid=1)
     km.train(np.ascontiguousarray(sample, dtype=np.float32))
     return km.centroids.astype(np.float32)
 

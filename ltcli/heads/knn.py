@@ -30,7 +30,7 @@ from .ncm import _chunks, _normalise, train_mean
 from .registry import register
 
 RECALL_QUERIES = 500  # train rows used as queries to measure an index's recall at fit time
-QUERY_BYTES = 128 << 20  # float32 queries scored at a time (16k at D = 2048)
+QUERY_BYTES = 256 << 20  # float32 queries scored at a time (32k at D = 2048)
 TRAIN_SAMPLE = 16_384  # rows an approximate index is trained on (128 MiB at D = 2048)
 
 
@@ -54,6 +54,7 @@ class KNNHead(Head):
     def _fit(self, train: FeatureSet, device, progress) -> None:
         feats = train.features
         self.mean = train_mean(feats, device, source_name(train)).cpu()
+        self._mean_cache = None
         self.bank_labels = train.labels.to("cpu", torch.int64).clone()
         self.class_means = self._class_means(train)
         path, chain = train.attrs.get("path"), train.attrs.get("rows_sha256")
@@ -86,7 +87,9 @@ class KNNHead(Head):
         kind, n, metric = self.options["index"], len(self.bank_labels), self.options["metric"]
         k = min(self.options["k"], n)
         rng = np.random.default_rng(0)
-        sample = self._rows(np.sort(rng.choice(n, size=min(n, TRAIN_SAMPLE), replace=False)))
+        # k-means wants ~20 points a list; ~4 sqrt(N) lists
+        size = min(n, max(TRAIN_SAMPLE, 20 * int(4 * np.sqrt(n))))
+        sample = self._rows(np.sort(rng.choice(n, size=size, replace=False)))
         if kind == "ivf":
             centroids = neighbours.train_ivf(sample, n, metric, self.options["nlist"])
             self.centroids = torch.from_numpy(centroids)
@@ -121,13 +124,20 @@ class KNNHead(Head):
         return neighbours.rerank(q, neighbours.candidates(index, q, k), self._rows, k, metric)
 
     # ---- the bank ------------------------------------------------------------------------
-    def _prep(self, x: torch.Tensor) -> np.ndarray:
-        """float32 rows (views averaged) as the index holds them."""
-        x = x.to(torch.float32)
-        x = x.mean(dim=1) if x.dim() == 3 else x
+    def _prep(self, x) -> np.ndarray:
+        """float32 rows (views averaged) as the index holds them, in NumPy (cheaper than torch
+        for the many small blocks an inverted file reads)."""
+        x = np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
+        x = x.mean(axis=1) if x.ndim == 3 else np.array(x, dtype=np.float32, copy=True)
         if self.options["metric"] == "cosine":
-            x = _normalise(x - self.mean)
-        return faiss_index.as_float32(x)
+            x -= self._mean_np()
+            x /= np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
+        return np.ascontiguousarray(x)
+
+    def _mean_np(self) -> np.ndarray:
+        if getattr(self, "_mean_cache", None) is None:
+            self._mean_cache = self.mean.numpy().astype(np.float32)
+        return self._mean_cache
 
     def _bank_features(self) -> torch.Tensor:
         if self.bank is not None:
@@ -165,7 +175,8 @@ class KNNHead(Head):
             yield s, self._prep(feats[s : s + step])
 
     def _rows(self, ids: np.ndarray) -> np.ndarray:
-        return self._prep(self._bank_features()[torch.as_tensor(ids, dtype=torch.int64)])
+        """Prepared bank rows `ids` (sorted), gathered from the memory-mapped cache."""
+        return self._prep(self._bank_features().numpy()[np.asarray(ids, dtype=np.int64)])
 
     def _get_index(self):
         if self.index_bytes is not None and getattr(self, "_index", None) is None:
@@ -242,6 +253,7 @@ class KNNHead(Head):
 
     def _load_state(self, state: dict) -> None:
         self.mean = get_tensor(state, "mean", (self.dim,)).float()
+        self._mean_cache = None
         # heads of ltcli 0.1 have neither class means (no similarity order below the votes) nor a knob
         means = get_tensor(state, "class_means", (self.num_classes, self.dim), optional=True)
         self.class_means = None if means is None else means.float()
