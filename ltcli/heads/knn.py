@@ -34,6 +34,15 @@ QUERY_BYTES = 256 << 20  # float32 queries scored at a time (32k at D = 2048)
 TRAIN_SAMPLE = 16_384  # rows an approximate index is trained on (128 MiB at D = 2048)
 
 
+def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first k ids other than its own (the query's own train row)."""
+    out = np.full((ids.shape[0], k), -1, dtype=np.int64)
+    for i, (row, me) in enumerate(zip(ids, own)):
+        rest = row[row != me][:k]
+        out[i, : len(rest)] = rest
+    return out
+
+
 @register
 class KNNHead(Head):
     method = "knn"
@@ -99,12 +108,19 @@ class KNNHead(Head):
             index = self._index = neighbours.build_hnsw(self._chunks, self.dim, metric, sample)
             limit, what = neighbours.KNOBS["hnsw"][-1], "HNSW-SQ8, efSearch"
         del sample
-        queries = self._rows(np.sort(rng.choice(n, size=min(n, RECALL_QUERIES), replace=False)))
+        # recall is measured as a balanced test set would see it: one train row of a random class
+        # per query (tail classes as often as head ones), its own row left out of both answers
+        ids = self._balanced_rows(rng, RECALL_QUERIES)
+        queries = self._rows(ids)
         t0 = time.perf_counter()
-        _, truth = neighbours.exact_search(queries, self._chunks, k, metric)
+        _, truth = neighbours.exact_search(queries, self._chunks, min(k + 1, n), metric)
         exact_s = time.perf_counter() - t0
-        self.knob, self.recall = neighbours.tune_knob(lambda q, v: self._search(q, k, v)[1], kind, queries, truth,
-                                                      limit)
+        truth = _without(truth, ids, k)
+
+        def found(q, v):
+            return _without(self._search(q, min(k + 1, n), v)[1], ids, k)
+
+        self.knob, self.recall = neighbours.tune_knob(found, kind, queries, truth, limit)
         t0 = time.perf_counter()
         self._search(queries, k, self.knob)
         speedup = exact_s / max(time.perf_counter() - t0, 1e-9)
@@ -112,7 +128,19 @@ class KNNHead(Head):
             data, self.index_sha = neighbours.serialize(index)
             self.index_bytes = torch.from_numpy(data.copy())
         self.fit_note = (f"{kind} index ({what} {self.knob}): recall@{k} {self.recall:.3f} against exact search "
-                         f"on {len(queries)} train queries, {speedup:.1f}x faster than exact search on them")
+                         f"on {len(queries)} class-balanced train queries (each without itself), {speedup:.1f}x "
+                         "faster than exact search on them")
+
+    def _balanced_rows(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        """Sorted row ids: a random class (uniformly over the classes present), then one of its rows."""
+        labels = self.bank_labels.numpy()
+        order = np.argsort(labels, kind="stable")
+        counts = np.bincount(labels, minlength=self.num_classes)
+        starts = np.cumsum(counts) - counts
+        present = np.flatnonzero(counts)
+        cls = present[rng.integers(len(present), size=count)]
+        picks = order[starts[cls] + (rng.random(count) * counts[cls]).astype(np.int64)]
+        return np.unique(picks)
 
     def _search(self, q: np.ndarray, k: int, knob: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best bank rows by the head's index at `knob`."""
