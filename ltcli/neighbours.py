@@ -87,9 +87,9 @@ def ivf_search(queries: np.ndarray, centroids: np.ndarray, lists: np.ndarray, ro
     _, probes = faiss.knn(queries, centroids, nprobe, metric=_metric(metric))  # nq x nprobe
     order = np.argsort(lists, kind="stable")
     bounds = np.searchsorted(lists[order], np.arange(centroids.shape[0] + 1))
-    worst = -np.inf if metric == "cosine" else np.inf
-    cand_s = np.full((nq, nprobe * k), worst, dtype=np.float32)
-    cand_i = np.full((nq, nprobe * k), -1, dtype=np.int64)
+    sign = -1.0 if metric == "cosine" else 1.0  # lower `sign * score` is better
+    best_s = np.full((nq, k), np.inf, dtype=np.float32)  # the running k best, as sign * score
+    best_i = np.full((nq, k), -1, dtype=np.int64)
     flat = probes.ravel()
     visit = np.argsort(flat, kind="stable")  # (query, slot) pairs grouped by list
     starts = np.searchsorted(flat[visit], np.arange(centroids.shape[0] + 1))
@@ -97,19 +97,22 @@ def ivf_search(queries: np.ndarray, centroids: np.ndarray, lists: np.ndarray, ro
         members = np.sort(order[bounds[lst] : bounds[lst + 1]])
         if len(members) == 0:
             continue
-        pairs = visit[starts[lst] : starts[lst + 1]]
-        qi, slot = pairs // nprobe, pairs % nprobe
+        qi = visit[starts[lst] : starts[lst + 1]] // nprobe
         bank = rows(members)
         s = queries[qi] @ bank.T
         if metric != "cosine":  # squared distances
             s = (queries[qi] ** 2).sum(1, keepdims=True) - 2 * s + (bank ** 2).sum(1)[None]
+        s = (sign * s).astype(np.float32)
         kk = min(k, len(members))
-        top = np.argpartition(-s if metric == "cosine" else s, kk - 1, axis=1)[:, :kk]
-        cols = slot[:, None] * k + np.arange(kk)[None]
-        cand_s[qi[:, None], cols] = np.take_along_axis(s, top, 1)
-        cand_i[qi[:, None], cols] = members[top]
-    best = np.argsort(-cand_s if metric == "cosine" else cand_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cand_s, best, 1), np.take_along_axis(cand_i, best, 1)
+        top = np.argpartition(s, kk - 1, axis=1)[:, :kk]
+        merged_s = np.concatenate([best_s[qi], np.take_along_axis(s, top, 1)], axis=1)
+        merged_i = np.concatenate([best_i[qi], members[top]], axis=1)
+        keep = np.argpartition(merged_s, k - 1, axis=1)[:, :k]
+        best_s[qi], best_i[qi] = np.take_along_axis(merged_s, keep, 1), np.take_along_axis(merged_i, keep, 1)
+    order_k = np.argsort(best_s, axis=1, kind="stable")
+    scores = np.take_along_axis(best_s, order_k, 1) * sign
+    ids = np.take_along_axis(best_i, order_k, 1)
+    return scores.astype(np.float32), np.where(np.isfinite(scores), ids, -1)
 
 
 def build_hnsw(chunks: Chunks, d: int, metric: str, sample: np.ndarray):
