@@ -113,20 +113,23 @@ def make_caches(size: str, run: Path) -> int:
 
 
 def run_measured(args: list[str]) -> dict:
-    """One ltcli command in its own process: wall seconds, peak RSS (its own getrusage), exit code."""
+    """One ltcli command in its own process: wall seconds, peak RSS, exit code. The RSS comes
+    from GNU time (`/usr/bin/time -f %M`): a child forked from this (large) process would
+    report this process's pages as its own high-water mark."""
     import tempfile
 
     with tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "ltcli", *map(str, args)], stdout=subprocess.DEVNULL,
-                                stderr=err, env={**os.environ, "PYTHONPATH": str(REPO)})
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(["/usr/bin/time", "-f", "ltcli-maxrss-kb %M", sys.executable, "-m", "ltcli",
+                               *map(str, args)], stdout=subprocess.DEVNULL, stderr=err,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
         wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
-        tail = [line.strip() for line in err.read().splitlines() if line.strip()][-4:]
-    return {"command": "ltcli " + " ".join(map(str, args)), "seconds": round(wall, 1),
-            "peak_rss": usage.ru_maxrss * 1024, "exit": proc.returncode, "stderr_tail": tail}
+        lines = [line.strip() for line in err.read().splitlines() if line.strip()]
+    rss = next(int(line.split()[-1]) * 1024 for line in reversed(lines) if line.startswith("ltcli-maxrss-kb"))
+    tail = [line for line in lines if not line.startswith("ltcli-maxrss-kb")][-4:]
+    return {"command": "ltcli " + " ".join(map(str, args)), "seconds": round(wall, 1), "peak_rss": rss,
+            "exit": proc.returncode, "stderr_tail": tail}
 
 
 def bare_products(run: Path, epochs: int, batch: int = 512) -> float:

@@ -26,7 +26,7 @@ from .faiss_index import _faiss
 
 INDEXES = ("flat", "ivf", "hnsw")
 TARGET_RECALL = 0.95
-KNOBS = {"ivf": (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), "hnsw": (16, 32, 64, 128, 256, 512, 1024)}
+KNOBS = {"ivf": tuple(2 ** i for i in range(21)), "hnsw": (16, 32, 64, 128, 256, 512, 1024, 2048)}
 
 # (start row, prepared float32 rows) over the bank, in order
 Chunks = Callable[[], Iterator[tuple[int, np.ndarray]]]

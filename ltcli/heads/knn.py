@@ -30,6 +30,7 @@ from .ncm import _chunks, _normalise, train_mean
 from .registry import register
 
 RECALL_QUERIES = 500  # train rows used as queries to measure an index's recall at fit time
+VOTE_ROWS = 2048  # queries turned into class scores at a time
 QUERY_BYTES = 256 << 20  # float32 queries scored at a time (32k at D = 2048)
 TRAIN_SAMPLE = 16_384  # rows an approximate index is trained on (128 MiB at D = 2048)
 
@@ -226,7 +227,9 @@ class KNNHead(Head):
                 scores, ids = neighbours.exact_search(q, self._chunks, k, self.options["metric"])
             else:
                 scores, ids = self._search(q, k, self.knob)
-            out[s : s + q.shape[0]] = self._votes(q, scores, ids)
+            for r in range(0, q.shape[0], VOTE_ROWS):  # N x C temporaries stay small at any C
+                out[s + r : s + r + VOTE_ROWS] = self._votes(q[r : r + VOTE_ROWS], scores[r : r + VOTE_ROWS],
+                                                             ids[r : r + VOTE_ROWS])
             if progress is not None:
                 progress(s + q.shape[0], n)
         return out

@@ -36,9 +36,25 @@ def full_disk(monkeypatch):
     monkeypatch.setattr(ltcli.io, "open", open_on_full_disk, raising=False)
 
 
+def _append_only(rel: Path) -> bool:
+    """The run's records (log.txt, metrics.*, TensorBoard events): a failed job may append to
+    them (its error line, the epoch it trained before the save failed), never rewrite them."""
+    return rel.name in ("log.txt", "metrics.jsonl", "metrics.csv") or rel.parts[0] == "tensorboard"
+
+
 def _hashes(folder: Path) -> dict[str, str]:
+    """Every file's hash but the append-only records' (see `_logs_grew`)."""
     return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.suffix != ".lock" and p.name != "metrics.jsonl"}
+            if p.is_file() and p.suffix != ".lock" and not _append_only(p.relative_to(folder))}
+
+
+def _logs(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and _append_only(p.relative_to(folder))}
+
+
+def _logs_grew(folder: Path, before: dict[Path, bytes]) -> bool:
+    """The records kept every byte they had: a failure may only append."""
+    return all(p.read_bytes().startswith(old) for p, old in before.items())
 
 
 def _error_line(result) -> str:
@@ -51,17 +67,17 @@ def _error_line(result) -> str:
 @pytest.mark.slow
 def test_checkpoint_save_on_a_full_disk(tiny_run, tmp_path, full_disk):
     run = copy_run(tiny_run["run"], tmp_path / "run")
-    before = _hashes(run)
+    before, logs = _hashes(run), _logs(run)
     args = [a for a in map(str, TINY_TRAIN)]
     args[args.index("--epochs") + 1] = "3"     # one more epoch, then its checkpoint save fails
     line = _error_line(run_cli(["train-backbone", "--run", run, *args, "--resume"]))
     assert line == f"ltcli: failed: {run}/backbone-last.pt: no space left on device (nothing was overwritten)"
-    assert _hashes(run) == before and temp_files(run) == []
+    assert _hashes(run) == before and temp_files(run) == [] and _logs_grew(run, logs)
 
 
 def test_head_save_on_a_full_disk(tiny_pipeline, tmp_path, full_disk):
     run = copy_run(tiny_pipeline, tmp_path / "run")
-    before = _hashes(run)
+    before, logs = _hashes(run), _logs(run)
     line = _error_line(run_cli(["fit-head", "--run", run, "--method", "crt", "--epochs", "3", "--seed", "7",
                                 "--device", "cpu"]))
     assert line == f"ltcli: failed: {run}/heads/crt.pt: no space left on device (nothing was overwritten)"
@@ -71,6 +87,7 @@ def test_head_save_on_a_full_disk(tiny_pipeline, tmp_path, full_disk):
     assert "ncm.pt: no space left on device" in line
     assert not (tmp_path / "new" / "ncm.pt").exists()
     assert _hashes(run) == before and temp_files(run) == [] and temp_files(tmp_path / "new") == []
+    assert _logs_grew(run, logs)
 
 
 def _h5_full_disk(monkeypatch, after_writes: int) -> None:
@@ -96,7 +113,7 @@ def test_extraction_on_a_full_disk_then_resume(tiny_pipeline, tmp_path, monkeypa
     run = copy_run(tiny_pipeline, tmp_path / "run")
     out = run / "features" / "train.h5"
     out.unlink()
-    others = _hashes(run)
+    others, logs = _hashes(run), _logs(run)
     args = ["extract", "--run", run, "--split", "train", "--device", "cpu", "--workers", "0", "--batch-size", "128"]
     with monkeypatch.context() as m:
         _h5_full_disk(m, after_writes=2)
@@ -104,6 +121,7 @@ def test_extraction_on_a_full_disk_then_resume(tiny_pipeline, tmp_path, monkeypa
     assert line == (f"ltcli: failed: {out}: no space left on device after 256 of 728 rows; the file is kept "
                     "incomplete: free some space and rerun `ltcli extract` to resume")
     assert {k: v for k, v in _hashes(run).items() if k != "features/train.h5"} == others
+    assert _logs_grew(run, logs)
     r = run_cli(["fit-head", "--run", run, "--method", "joint"])
     assert r.code == 2 and "incomplete feature cache" in r.err
     # space freed: the same command resumes and ends with the uninterrupted file's bytes
