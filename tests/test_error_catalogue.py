@@ -7,7 +7,6 @@ by tests/catalogue_fixtures.py from the shared tiny run."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 
 import catalogue_fixtures
 from conftest import LTCLI, REPO, cli_env, run_cli
+from faults.faultlib import logs_grew, run_files, run_logs
 
 DOC = REPO / "docs" / "errors.md"
 AREAS = {"data spec", "list file", "image", "option", "checkpoint", "features", "head", "τ grid", "job"}
@@ -84,16 +84,10 @@ def parse_catalogue(text: str) -> list[Row]:
 ROWS = parse_catalogue(DOC.read_text(encoding="utf-8"))
 
 
-def _run_files(run: Path) -> dict[str, str]:
-    """sha256 of every file of a run directory (lock files aside: taking a lock creates one)."""
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file() and p.suffix != ".lock"}
-
-
 @pytest.fixture(scope="session")
 def catalogue(tiny_pipeline, tmp_path_factory) -> dict[str, str]:
     fx = catalogue_fixtures.build(tmp_path_factory.mktemp("catalogue"), tiny_pipeline)
-    fx["__run_files__"] = _run_files(tiny_pipeline)
+    fx["__run_files__"], fx["__run_logs__"] = run_files(tiny_pipeline), run_logs(tiny_pipeline)
     return fx
 
 
@@ -144,7 +138,8 @@ def test_catalogue_row(row: Row, catalogue, tmp_path):
 def test_bad_inputs_changed_nothing(catalogue):
     """After every row ran: the crafted pickles never executed, and the shared run is untouched."""
     assert not Path(catalogue["marker"]).exists(), "a crafted checkpoint/head ran code"
-    assert _run_files(Path(catalogue["run"])) == catalogue["__run_files__"]
+    assert run_files(Path(catalogue["run"])) == catalogue["__run_files__"]
+    assert logs_grew(Path(catalogue["run"]), catalogue["__run_logs__"])
 
 
 # --- a sample through the real command line (subprocesses, in parallel) --------------------------

@@ -90,3 +90,25 @@ def assert_same_weights(a: Path, b: Path) -> None:
 def temp_files(folder: Path) -> list[Path]:
     """The hidden temporary files atomic writes leave behind when killed."""
     return sorted(p for p in Path(folder).rglob(".*.tmp"))
+
+
+def _record(rel: Path) -> bool:
+    """The run's records (log.txt, metrics.*, TensorBoard events): a failed job may append to
+    them (its error line, an epoch trained before a save failed), never rewrite them."""
+    return rel.name in ("log.txt", "metrics.jsonl", "metrics.csv") or rel.parts[0] == "tensorboard"
+
+
+def run_files(run: Path) -> dict[str, str]:
+    """sha256 of every file of a run directory but its records (see `logs_grew`) and lock files
+    (taking a lock creates one)."""
+    return {str(p.relative_to(run)): sha256(p) for p in sorted(Path(run).rglob("*"))
+            if p.is_file() and p.suffix != ".lock" and not _record(p.relative_to(run))}
+
+
+def run_logs(run: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in Path(run).rglob("*") if p.is_file() and _record(p.relative_to(run))}
+
+
+def logs_grew(run: Path, before: dict[Path, bytes]) -> bool:
+    """The records kept every byte they had: a failure may only append."""
+    return all(p.read_bytes().startswith(old) for p, old in before.items())

@@ -19,7 +19,7 @@ import pytest
 
 import ltcli.io
 from conftest import TINY_TRAIN, copy_run, run_cli
-from faultlib import sha256, temp_files
+from faultlib import sha256, temp_files, run_files as _hashes, run_logs as _logs, logs_grew as _logs_grew
 
 pytestmark = pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 
@@ -34,27 +34,6 @@ def full_disk(monkeypatch):
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(ltcli.io, "open", open_on_full_disk, raising=False)
-
-
-def _append_only(rel: Path) -> bool:
-    """The run's records (log.txt, metrics.*, TensorBoard events): a failed job may append to
-    them (its error line, the epoch it trained before the save failed), never rewrite them."""
-    return rel.name in ("log.txt", "metrics.jsonl", "metrics.csv") or rel.parts[0] == "tensorboard"
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    """Every file's hash but the append-only records' (see `_logs_grew`)."""
-    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.suffix != ".lock" and not _append_only(p.relative_to(folder))}
-
-
-def _logs(folder: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and _append_only(p.relative_to(folder))}
-
-
-def _logs_grew(folder: Path, before: dict[Path, bytes]) -> bool:
-    """The records kept every byte they had: a failure may only append."""
-    return all(p.read_bytes().startswith(old) for p, old in before.items())
 
 
 def _error_line(result) -> str:
