@@ -99,6 +99,18 @@ def run_cli(args, stdin: str | None = None) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
+def ltcli_in_process(*args, expect: int | None = 0, input: str | None = None) -> subprocess.CompletedProcess:
+    """`run_ltcli` without the 2-4 s of a new interpreter importing torch: the same command
+    through `ltcli.cli.main` in this process, answered as a CompletedProcess. For tests of what a
+    command does; `run_ltcli` stays for what only a real process shows (pipes, signals, exit)."""
+    args = [str(a) for a in args]
+    r = run_cli(args, stdin=input)
+    if expect is not None:
+        assert r.code == expect, (f"ltcli {' '.join(args)}: exit {r.code}, expected {expect}\n"
+                                  f"stdout: {r.out[-2000:]}\nstderr: {r.err[-4000:]}")
+    return subprocess.CompletedProcess(["ltcli", *args], r.code, r.out, r.err)
+
+
 def check_ok(result: CliResult) -> CliResult:
     assert result.code == 0, f"exit {result.code}\n{result.err[-3000:]}"
     return result

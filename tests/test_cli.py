@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import LTCLI, copy_run, read_jsonl, run_cli, run_ltcli, stdout_files, stdout_json
+from conftest import LTCLI, copy_run, ltcli_in_process, read_jsonl, run_cli, run_ltcli, stdout_files, stdout_json
 
 COMMANDS = ["train-backbone", "extract", "fit-head", "tune-tau", "eval", "info", "predict", "quickstart", "archs"]
 
@@ -35,7 +35,7 @@ def test_top_level_help_lists_every_command():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_command_help(command):
-    proc = run_ltcli(command, "--help")
+    proc = ltcli_in_process(command, "--help")
     assert "Usage" in proc.stdout and command in proc.stdout
     assert "--help" in proc.stdout
 
@@ -48,7 +48,7 @@ SAMPLING_CLASSES = 3  # train counts 500, 50, 5: one many-, one medium-, one few
 @pytest.mark.parametrize("sampling", ["instance", "class", "sqrt", "progressive"])
 def test_train_backbone_each_sampling(tmp_path, sampling):
     run = tmp_path / "run"
-    proc = run_ltcli("train-backbone", "--data", "synthetic", "--sampling", sampling, "--epochs", 1,
+    proc = ltcli_in_process("train-backbone", "--data", "synthetic", "--sampling", sampling, "--epochs", 1,
                      "--synthetic-classes", SAMPLING_CLASSES, "--synthetic-size", 16, "--batch-size", 128,
                      "--device", "cpu", "--workers", 0, "--run", run)
     # stdout: exactly the checkpoint path; logs on stderr
@@ -110,30 +110,30 @@ def test_train_stdout_is_only_the_path(tiny_run):
 def test_commands_print_paths_or_one_json_object(tmp_path, tiny_run):
     run = copy_run(tiny_run["run"], tmp_path / "run")
     # extract: one path per split, in order
-    proc = run_ltcli("extract", "--run", run, "--split", "train", "--split", "val", "--device", "cpu", "--workers", 0)
+    proc = ltcli_in_process("extract", "--run", run, "--split", "train", "--split", "val", "--device", "cpu", "--workers", 0)
     assert stdout_files(proc) == [run / "features" / "train.h5", run / "features" / "val.h5"]
     # a complete file is reused and still printed; --json gives one object
-    proc = run_ltcli("extract", "--run", run, "--split", "val", "--device", "cpu", "--json")
+    proc = ltcli_in_process("extract", "--run", run, "--split", "val", "--device", "cpu", "--json")
     assert stdout_json(proc) == {"features": [str(run / "features" / "val.h5")]}
 
-    proc = run_ltcli("fit-head", "--run", run, "--method", "ncm")
+    proc = ltcli_in_process("fit-head", "--run", run, "--method", "ncm")
     assert stdout_files(proc) == [run / "heads" / "ncm.pt"]
-    proc = run_ltcli("fit-head", "--run", run, "--method", "ncm", "--json")
+    proc = ltcli_in_process("fit-head", "--run", run, "--method", "ncm", "--json")
     obj = stdout_json(proc)
     assert obj["head"] == str(run / "heads" / "ncm.pt") and obj["method"] == "ncm"
 
-    proc = run_ltcli("tune-tau", "--run", run, "--split", "val", "--grid", "0:1:0.5")
+    proc = ltcli_in_process("tune-tau", "--run", run, "--split", "val", "--grid", "0:1:0.5")
     paths = stdout_files(proc)
     assert paths[0] == run / "heads" / "tau-norm.pt"
     assert "best τ" in proc.stderr  # the table and the pick are on stderr
-    obj = stdout_json(run_ltcli("tune-tau", "--run", run, "--split", "val", "--grid", "0:1:0.5", "--json"))
+    obj = stdout_json(ltcli_in_process("tune-tau", "--run", run, "--split", "val", "--grid", "0:1:0.5", "--json"))
     assert set(obj) >= {"best", "rows", "paths"} and len(obj["rows"]) == 3
 
-    proc = run_ltcli("eval", "--run", run, "--split", "val")
+    proc = ltcli_in_process("eval", "--run", run, "--split", "val")
     assert stdout_files(proc) == [run / "reports" / "eval-val.json", run / "reports" / "eval-val-per-class.csv"]
     assert "ncm" in proc.stderr and "tau-norm" in proc.stderr  # the table
 
-    proc = run_ltcli("info", run / "features" / "val.h5")
+    proc = ltcli_in_process("info", run / "features" / "val.h5")
     assert proc.stdout == "" and "val" in proc.stderr
 
 

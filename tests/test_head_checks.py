@@ -162,10 +162,11 @@ def test_a_new_head_is_one_module_and_one_line(tmp_path):
         return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
                               env=env, cwd=tmp_path, timeout=600)
 
-    assert "prior-only" in ltcli("fit-head", "--help").stdout
-    assert "--strength" in ltcli("fit-head", "--help").stdout
+    help_text = ltcli("fit-head", "--help").stdout
+    assert "prior-only" in help_text and "--strength" in help_text
     run = tmp_path / "run"
-    proc = ltcli("quickstart", "--run", run, "--epochs", 1, "--device", "cpu", "--workers", 0, "--grid", "0,1")
+    proc = ltcli("quickstart", "--run", run, "--epochs", 1, "--synthetic-classes", 5, "--synthetic-size", 16,
+                 "--device", "cpu", "--workers", 0, "--grid", "0,1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "heads" / "prior-only.pt").is_file()
     assert "prior-only" in proc.stderr  # in the table

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import TINY_CLASSES, check_ok, copy_run, run_cli, run_ltcli
+from conftest import TINY_CLASSES, check_ok, copy_run, ltcli_in_process, run_cli
 from ltcli.cache import read_features
 from ltcli.data import DataConfig, load_dataset
 from ltcli.heads import HEADS, load_head, methods
@@ -47,11 +47,11 @@ def test_pngs(tmp_path_factory) -> tuple[Path, np.ndarray]:
 @pytest.mark.slow
 def test_timm_arch_trains_and_extracts(tmp_path):
     run = tmp_path / "run"
-    run_ltcli("train-backbone", "--run", run, "--arch", "timm:resnet18", "--epochs", 1, "--synthetic-classes", 3,
+    ltcli_in_process("train-backbone", "--run", run, "--arch", "timm:resnet18", "--epochs", 1, "--synthetic-classes", 3,
               "--synthetic-size", 16, "--batch-size", 128, *CPU)
     info = json.loads((run / "run.json").read_text())
     assert info["arch"] == "timm:resnet18" and info["feature_dim"] == 512
-    run_ltcli("extract", "--run", run, "--split", "test", *CPU)
+    ltcli_in_process("extract", "--run", run, "--split", "test", *CPU)
     assert read_features(run / "features" / "test.h5").dim == 512
 
 
@@ -80,7 +80,7 @@ def test_weights_file_is_loaded_and_mismatches_named(r18, tmp_path):
 @pytest.mark.slow
 def test_train_backbone_fine_tunes_from_a_weights_file(r18, tmp_path):
     run = tmp_path / "run"
-    run_ltcli("train-backbone", "--run", run, "--arch", "resnet18", "--weights", r18, "--epochs", 1,
+    ltcli_in_process("train-backbone", "--run", run, "--arch", "resnet18", "--weights", r18, "--epochs", 1,
               "--synthetic-classes", 3, "--synthetic-size", 16, *CPU)
     info = json.loads((run / "run.json").read_text())
     assert info["weights"] == str(r18)

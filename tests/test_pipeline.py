@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_run, read_jsonl, run_ltcli, stdout_json, stdout_files
+from conftest import copy_run, ltcli_in_process, read_jsonl, run_ltcli, stdout_files, stdout_json
 
 HEADS = ["joint", "crt", "lws", "tau-norm", "ncm", "logit-adjust", "knn"]
 SPLIT_ROWS = {"train": 728, "val": 100, "test": 500}
@@ -23,8 +23,8 @@ SPLIT_ROWS = {"train": 728, "val": 100, "test": 500}
 def pipe(tmp_path_factory, tiny_run) -> dict:
     """A copy of the tiny run with features of every split and every head fitted (via the CLI)."""
     run = copy_run(tiny_run["run"], tmp_path_factory.mktemp("pipeline") / "run")
-    extract = run_ltcli("extract", "--run", run, "--split", "all", "--device", "cpu", "--workers", 0)
-    fits = {m: run_ltcli("fit-head", "--run", run, "--method", m) for m in HEADS}
+    extract = ltcli_in_process("extract", "--run", run, "--split", "all", "--device", "cpu", "--workers", 0)
+    fits = {m: ltcli_in_process("fit-head", "--run", run, "--method", m) for m in HEADS}
     return {"run": run, "extract": extract, "fits": fits}
 
 
@@ -38,7 +38,7 @@ def test_extract_every_split(pipe):
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_info_json_reports_the_schema(pipe, split):
     run = pipe["run"]
-    d = stdout_json(run_ltcli("info", run / "features" / f"{split}.h5", "--json"))
+    d = stdout_json(ltcli_in_process("info", run / "features" / f"{split}.h5", "--json"))
     n = SPLIT_ROWS[split]
     assert d["split"] == split and d["complete"] is True
     assert d["shape"] == [n, 64] and d["dtype"] == "float16" and d["dim"] == 64
@@ -93,7 +93,7 @@ def test_every_head_fits(pipe):
 def test_tune_tau_on_val_writes_head_and_plot(pipe, tmp_path):
     run = pipe["run"]
     out = tmp_path / "tau-norm.pt"
-    proc = run_ltcli("tune-tau", "--run", run, "--split", "val", "--plot", "--out", out)
+    proc = ltcli_in_process("tune-tau", "--run", run, "--split", "val", "--plot", "--out", out)
     paths = stdout_files(proc)
     assert paths[0] == out
     pngs = [p for p in paths if p.suffix == ".png"]
@@ -111,7 +111,7 @@ def test_tune_tau_on_val_writes_head_and_plot(pipe, tmp_path):
     assert "TUNED ON TEST" not in proc.stderr
 
     # into the run (heads/tau-norm.pt) by default
-    proc = run_ltcli("tune-tau", "--run", run, "--split", "val", "--json")
+    proc = ltcli_in_process("tune-tau", "--run", run, "--split", "val", "--json")
     obj = stdout_json(proc)
     assert obj["best"]["tau"] == pytest.approx(best["tau"])
     assert str(run / "heads" / "tau-norm.pt") in obj["paths"]
@@ -122,11 +122,11 @@ def test_tune_tau_on_val_writes_head_and_plot(pipe, tmp_path):
 def test_tune_tau_on_test_needs_allow_test(pipe, tmp_path):
     run = pipe["run"]
     out = tmp_path / "t.pt"
-    proc = run_ltcli("tune-tau", "--run", run, "--split", "test", "--out", out, expect=2)
+    proc = ltcli_in_process("tune-tau", "--run", run, "--split", "test", "--out", out, expect=2)
     assert "--allow-test" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stdout == "" and not out.exists()
 
-    proc = run_ltcli("tune-tau", "--run", run, "--split", "test", "--allow-test", "--out", out,
+    proc = ltcli_in_process("tune-tau", "--run", run, "--split", "test", "--allow-test", "--out", out,
                      "--method", "logit-adjust", "--json")
     obj = stdout_json(proc)
     assert "TUNED ON TEST" in proc.stderr  # it says so
@@ -137,7 +137,7 @@ def test_tune_tau_on_test_needs_allow_test(pipe, tmp_path):
 
 def test_eval_reports_every_head(pipe):
     run = pipe["run"]
-    proc = run_ltcli("eval", "--run", run, "--split", "test", "--json")
+    proc = ltcli_in_process("eval", "--run", run, "--split", "test", "--json")
     report = stdout_json(proc)
     assert report["split"] == "test"
     assert set(report["heads"]) == set(HEADS)
@@ -163,14 +163,14 @@ def test_eval_reports_every_head(pipe):
         assert [float(r[name]) for r in rows] == pytest.approx([c["accuracy"] for c in report["per_class"][name]], abs=1e-6)
 
     # without --json: the two report paths
-    proc = run_ltcli("eval", "--run", run, "--split", "test", "--heads", "joint,crt")
+    proc = ltcli_in_process("eval", "--run", run, "--split", "test", "--heads", "joint,crt")
     assert stdout_files(proc) == [run / "reports" / "eval-test.json", run / "reports" / "eval-test-per-class.csv"]
     assert set(json.loads((run / "reports" / "eval-test.json").read_text())["heads"]) == {"joint", "crt"}
 
 
 def test_eval_plot_writes_pngs(pipe, tmp_path):
     run = pipe["run"]
-    proc = run_ltcli("eval", "--run", run, "--split", "val", "--plot", "--out", tmp_path)
+    proc = ltcli_in_process("eval", "--run", run, "--split", "val", "--plot", "--out", tmp_path)
     paths = stdout_files(proc)
     pngs = [p for p in paths if p.suffix == ".png"]
     assert {p.name for p in pngs} == {"per-class-val.png", "weight-norms.png"}
@@ -199,7 +199,7 @@ def png_folder(tmp_path_factory, pipe):
 def test_predict_csv_and_json(pipe, png_folder):
     run = pipe["run"]
     folder, picks, _ = png_folder
-    proc = run_ltcli("predict", "--run", run, "--head", "crt", "--device", "cpu", "--top-k", 3, folder)
+    proc = ltcli_in_process("predict", "--run", run, "--head", "crt", "--device", "cpu", "--top-k", 3, folder)
     rows = list(csv.reader(io.StringIO(proc.stdout)))
     assert rows[0] == ["path", "label1", "score1", "label2", "score2", "label3", "score3"]
     body = rows[1:]
@@ -210,7 +210,7 @@ def test_predict_csv_and_json(pipe, png_folder):
         scores = [float(r[2]), float(r[4]), float(r[6])]
         assert scores == sorted(scores, reverse=True) and 0 <= scores[-1] and scores[0] <= 1
 
-    proc = run_ltcli("predict", "--run", run, "--head", "crt", "--device", "cpu", "--format", "json", folder)
+    proc = ltcli_in_process("predict", "--run", run, "--head", "crt", "--device", "cpu", "--format", "json", folder)
     out = json.loads(proc.stdout)
     assert [Path(r["path"]).name for r in out] == [f"img{i:03d}.png" for i in picks]
     assert all(len(r["labels"]) == 5 and sum(r["scores"]) == pytest.approx(1, abs=1e-4) for r in out)
@@ -258,9 +258,9 @@ def test_decoupling_beats_joint_on_few_shot(tmp_path):
     assert "decoupling gains" in proc.stderr
 
     # the issue's commands on the same run
-    tuned = stdout_json(run_ltcli("tune-tau", "--run", run, "--split", "val", "--json"))
+    tuned = stdout_json(ltcli_in_process("tune-tau", "--run", run, "--split", "val", "--json"))
     assert tuned["best"]["tau"] > 0
-    report = stdout_json(run_ltcli("eval", "--run", run, "--split", "test", "--json"))
+    report = stdout_json(ltcli_in_process("eval", "--run", run, "--split", "test", "--json"))
     heads = report["heads"]
     assert heads["tau-norm"]["tuned_on"] == "val" and heads["tau-norm"]["tau"] == tuned["best"]["tau"]
     assert heads["joint"]["group_classes"] == {"many": 4, "medium": 3, "few": 3}

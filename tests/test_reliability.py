@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import LTCLI, TINY_TRAIN, check_ok, cli_env, copy_run, run_cli, run_ltcli
+from conftest import LTCLI, TINY_TRAIN, check_ok, cli_env, copy_run, ltcli_in_process, run_cli
 from faults.faultlib import Job
 from ltcli.data.types import Split, to_rgb
 
@@ -116,12 +116,12 @@ def _imagefolder(root: Path, per_class: int = 6) -> Path:
 def test_images_replaced_under_the_same_names_are_not_reused(tmp_path):
     data = _imagefolder(tmp_path / "data")
     run = tmp_path / "run"
-    run_ltcli("train-backbone", "--run", run, "--data", f"imagefolder:{data}", "--epochs", 1, *CPU)
-    run_ltcli("extract", "--run", run, "--split", "test", *CPU)
+    ltcli_in_process("train-backbone", "--run", run, "--data", f"imagefolder:{data}", "--epochs", 1, *CPU)
+    ltcli_in_process("extract", "--run", run, "--split", "test", *CPU)
     img = data / "test" / "a" / "0.png"
     time.sleep(0.01)
     Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(img)  # same name, other pixels
-    proc = run_ltcli("extract", "--run", run, "--split", "test", *CPU, expect=2)
+    proc = ltcli_in_process("extract", "--run", run, "--split", "test", *CPU, expect=2)
     assert "different data_fingerprint" in proc.stderr
 
 
