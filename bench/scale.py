@@ -8,13 +8,16 @@ whose centres overlap other classes', so a class mean is a poor summary of a cla
 neighbours mean something, and an index has structure to find, as on real features. (On
 isotropic within-class noise an inverted file finds no structure: see bench/RESULTS.md.)
 then runs each command as a user would (`python -m ltcli ...`, one process each) and records
-its wall time and peak RSS (getrusage of the child) beside the size of the float16 train
+its wall time and peak RSS (GNU time's maximum resident set size) beside the size of the float16 train
 matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
 
     python bench/scale.py --size imagenet-lt            # 115,846 x 2048 train, 1,000 classes
     python bench/scale.py --size inat2018               # 437,513 x 2048 train, 8,142 classes
     options: --workdir DIR (default /tmp/ltcli-scale-SIZE), --epochs N (cRT / LWS epochs; default
-    10 at ImageNet-LT, 1 at iNat, where one epoch is ~5 minutes on 2 cores), --out FILE.json
+    10 at ImageNet-LT, 1 at iNat, where one epoch is ~5 minutes on 2 cores), --out FILE.json,
+    --only WORDS (rerun only the commands containing one of the comma-separated words, e.g.
+    `eval,ivf`, taking the others' figures from --out's earlier results: a bench resumed after
+    a code change says so in its JSON, "rerun_only")
 """
 
 from __future__ import annotations
@@ -173,7 +176,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path)
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", help="comma-separated words; rerun only the commands containing one")
     a = ap.parse_args()
+    earlier = {}
+    if a.only:
+        if not (a.out and a.out.exists()):
+            ap.error("--only needs --out FILE.json holding the earlier results")
+        earlier = {r["command"]: r for r in json.loads(a.out.read_text())["commands"]}
+    rerun = [w for w in (a.only or "").split(",") if w]
     run = a.workdir or Path(f"/tmp/ltcli-scale-{a.size}")
     epochs = a.epochs or (10 if a.size == "imagenet-lt" else 1)
     t0 = time.perf_counter()
@@ -199,6 +209,10 @@ def main() -> None:
     print(f"{a.size}: caches written in {made:.0f} s; float16 train matrix {train_bytes / GIB:.2f} GiB; "
           f"ceiling {ceiling / GIB:.2f} GiB", file=sys.stderr)
     for args in steps:
+        command = "ltcli " + " ".join(map(str, args))
+        if rerun and not any(w in command for w in rerun) and command in earlier:
+            results.append(earlier[command])
+            continue
         res = run_measured(args)
         res["within_ceiling"] = res["peak_rss"] <= ceiling
         results.append(res)
@@ -220,7 +234,7 @@ def main() -> None:
         "size": a.size, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "train_rows": int(train_bytes // (2 * D)), "dim": D,
         "train_fp16_bytes": train_bytes, "ceiling_bytes": ceiling, "cache_seconds": round(made, 1),
-        "crt_lws_epochs": epochs, "commands": results, "bare_products_s": round(bare, 1), "knn_ivf": knn,
+        "crt_lws_epochs": epochs, "rerun_only": rerun or None, "commands": results, "bare_products_s": round(bare, 1), "knn_ivf": knn,
         "knn_head_bytes": head.stat().st_size if head.exists() else None,
         "train_cache_bytes": (run / "features" / "train.h5").stat().st_size,
         "eval": json.loads((run / "reports" / "eval-test.json").read_text())["heads"] if (run / "reports" / "eval-test.json").exists() else None,
