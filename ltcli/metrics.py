@@ -48,7 +48,7 @@ def group_means(per_class_acc: np.ndarray, present: np.ndarray, groups: np.ndarr
     return out
 
 
-def _ranks_of_labels(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def label_ranks(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Rank of the true label per sample (0 = top-1), ties broken by the lower class index.
 
     This is the order torch.argmax uses, so top-1 here agrees with argmax exactly, and
@@ -63,9 +63,15 @@ def _ranks_of_labels(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return ranks
 
 
-def _correct_and_top5(scores, labels_t: torch.Tensor, num_classes: int):
-    """(top-1 correct per sample, top-5 accuracy or None) from N x C scores or N predictions."""
+def _correct_and_top5(scores, labels_t: torch.Tensor, num_classes: int, ranks=None):
+    """(top-1 correct per sample, top-5 accuracy or None) from N x C scores, N predictions, or
+    the N label ranks (`label_ranks` chunk by chunk: no N x C matrix held)."""
     n = labels_t.shape[0]
+    if ranks is not None:
+        ranks = torch.as_tensor(ranks).reshape(-1)
+        if ranks.shape[0] != n:
+            raise LtcliError(f"ranks: {ranks.shape[0]} values for {n} labels")
+        return ranks == 0, (float((ranks < 5).double().mean()) if num_classes >= 5 else None)
     scores_t = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(_to_numpy(scores, "scores"))
     scores_t = scores_t.detach().cpu()
     if scores_t.ndim == 2:
@@ -73,9 +79,8 @@ def _correct_and_top5(scores, labels_t: torch.Tensor, num_classes: int):
             raise LtcliError(
                 f"scores: shape {tuple(scores_t.shape)} does not match {n} labels x {num_classes} classes"
             )
-        if scores_t.is_floating_point() and torch.isnan(scores_t).any():
-            raise LtcliError("scores: contain NaN")
-        ranks = _ranks_of_labels(scores_t, labels_t)
+        check_scores(scores_t)
+        ranks = label_ranks(scores_t, labels_t)
         correct = ranks == 0
         top5 = float((ranks < 5).double().mean()) if num_classes >= 5 else None
     elif scores_t.ndim == 1:
@@ -89,24 +94,8 @@ def _correct_and_top5(scores, labels_t: torch.Tensor, num_classes: int):
     return correct, top5
 
 
-def compute_metrics(
-    scores: Any,
-    labels: Any,
-    train_counts: Any,
-    many: float = 100,
-    few: float = 20,
-) -> dict:
-    """Metrics of one head on one split.
-
-    `scores` is N x C (higher = better) or a 1-D vector of predicted classes (then top5 is
-    None). Returns plain Python values (JSON-ready):
-      overall (micro top-1), top5 (None when C < 5 or predictions given), macro, many,
-      medium, few (None for a group with no class in the eval labels), n_samples, n_classes,
-      thresholds, group_classes / group_eval_classes / group_samples (per group name),
-      per_class: [{class, train_count, n_eval, correct, accuracy (None if n_eval 0), group}].
-    """
-    counts = _to_numpy(train_counts, "train_counts").astype(np.int64).reshape(-1)
-    num_classes = counts.shape[0]
+def checked_labels(labels: Any, num_classes: int) -> torch.Tensor:
+    """Labels as an int64 vector of class ids in 0..C-1, or a one-line error."""
     labels_t = torch.as_tensor(_to_numpy(labels, "labels")).reshape(-1)
     if labels_t.numel() == 0:
         raise LtcliError("labels: no samples to evaluate")
@@ -118,9 +107,38 @@ def compute_metrics(
             f"labels: class ids must lie in 0..{num_classes - 1} "
             f"(found {int(labels_t.min())}..{int(labels_t.max())})"
         )
+    return labels_t
+
+
+def check_scores(scores: torch.Tensor) -> None:
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        raise LtcliError("scores: contain NaN")
+
+
+def compute_metrics(
+    scores: Any,
+    labels: Any,
+    train_counts: Any,
+    many: float = 100,
+    few: float = 20,
+    *,
+    ranks: Any = None,
+) -> dict:
+    """Metrics of one head on one split.
+
+    `scores` is N x C (higher = better) or a 1-D vector of predicted classes (then top5 is
+    None); or None with `ranks`, the rank of each true label (`label_ranks`). Returns plain Python values (JSON-ready):
+      overall (micro top-1), top5 (None when C < 5 or predictions given), macro, many,
+      medium, few (None for a group with no class in the eval labels), n_samples, n_classes,
+      thresholds, group_classes / group_eval_classes / group_samples (per group name),
+      per_class: [{class, train_count, n_eval, correct, accuracy (None if n_eval 0), group}].
+    """
+    counts = _to_numpy(train_counts, "train_counts").astype(np.int64).reshape(-1)
+    num_classes = counts.shape[0]
+    labels_t = checked_labels(labels, num_classes)
     n = labels_t.shape[0]
 
-    correct, top5 = _correct_and_top5(scores, labels_t, num_classes)
+    correct, top5 = _correct_and_top5(scores, labels_t, num_classes, ranks)
 
     lab = labels_t.numpy()
     n_eval = np.bincount(lab, minlength=num_classes)

@@ -150,6 +150,28 @@ def test_chunked_scoring_matches_one_chunk(monkeypatch):
         assert torch.allclose(h.logits(q, device="cpu"), ref, atol=1e-5), h.method
 
 
+def test_streamed_scores_give_the_metrics_of_the_whole_matrix(monkeypatch):
+    """eval never holds N x C scores: the label ranks it gathers chunk by chunk (iter_logits,
+    several chunks here, kNN's vote rows included) give every metric of the whole matrix."""
+    from ltcli.heads import knn as knn_module
+    from ltcli.metrics import compute_metrics, label_ranks
+
+    fs = random_fs(n=300)
+    q = torch.randn(100, fs.dim, generator=torch.Generator().manual_seed(9))
+    y = torch.randint(0, fs.num_classes, (100,), generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(heads_base, "_CPU_CHUNK_ELEMS", 7 * (fs.dim + fs.num_classes))  # 7 rows
+    monkeypatch.setattr(knn_module, "VOTE_ROWS", 9)
+    for m in available_methods():
+        h = build_head(m, **HEADS[m].fast_options).fit(fs, device="cpu")
+        ranks, starts = torch.full((100,), -1), []
+        for start, scores in h.iter_logits(q, device="cpu"):
+            starts.append(start)
+            ranks[start : start + len(scores)] = label_ranks(scores, y[start : start + len(scores)])
+        assert len(starts) > 1 and (ranks >= 0).all(), m
+        whole = compute_metrics(h.logits(q, device="cpu"), y, fs.train_counts)
+        assert compute_metrics(None, y, fs.train_counts, ranks=ranks) == whole, m
+
+
 # ---- NCM and kNN against NumPy -----------------------------------------------------------
 def _np_normalise(a):
     return a / np.linalg.norm(a, axis=1, keepdims=True)

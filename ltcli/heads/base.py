@@ -6,7 +6,7 @@ rebuilt from that state without pickled objects."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -194,19 +194,27 @@ class Head:
                source: str = "features", progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """N x C float32 CPU scores for N x D features (N x K x D: views averaged), in chunks;
         progress(rows done, rows) after each chunk."""
+        out = torch.empty((int(feats.shape[0]), self.num_classes or 0), dtype=torch.float32)
+        for start, scores in self.iter_logits(feats, device=device, source=source, progress=progress):
+            out[start : start + scores.shape[0]] = scores
+        return out
+
+    def iter_logits(self, feats: torch.Tensor, *, device: str | torch.device | None = None,
+                    source: str = "features", progress: Callable[[int, int], None] | None = None
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows x C float32 CPU scores) chunk by chunk: what `logits` stacks, for a
+        caller that need not hold N x C at once (eval at 8,000 classes: 0.8 GB per head)."""
         self.check_features(feats, source)
         dev = resolve_device(device if device is not None else self.device)
         n = int(feats.shape[0])
-        out = torch.empty((n, self.num_classes), dtype=torch.float32)
         budget = _GPU_CHUNK_ELEMS if dev.type == "cuda" else _CPU_CHUNK_ELEMS
         step = max(1, budget // (feats[0].numel() + self.num_classes)) if n else 1
         for start in range(0, n, step):
             x = mean_views(feats[start : start + step].to(dev, non_blocking=True))
             check_chunk_finite(x, start, source)
-            out[start : start + x.shape[0]] = self._logits_chunk(x, dev).to("cpu", torch.float32)
+            yield start, self._logits_chunk(x, dev).to("cpu", torch.float32)
             if progress is not None:
                 progress(start + x.shape[0], n)
-        return out
 
     def predict(self, feats: torch.Tensor, *, device: str | torch.device | None = None) -> torch.Tensor:
         """N class indices: the argmax of `logits` (ties to the lower class)."""

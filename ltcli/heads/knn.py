@@ -213,12 +213,11 @@ class KNNHead(Head):
         return getattr(self, "_index", None)
 
     # ---- scoring -------------------------------------------------------------------------
-    def logits(self, feats: torch.Tensor, *, device=None, source: str = "features", progress=None) -> torch.Tensor:
-        """Scores of every query. Queries go in blocks of up to QUERY_BYTES (each block is one pass
-        over the bank for the exact search); progress(queries done, queries)."""
+    def iter_logits(self, feats: torch.Tensor, *, device=None, source: str = "features", progress=None):
+        """Scores of every query, VOTE_ROWS at a time. Queries go in blocks of up to QUERY_BYTES
+        (each block is one pass over the bank for the exact search); progress(queries done, queries)."""
         self.check_features(feats, source)
         n = int(feats.shape[0])
-        out = torch.empty((n, self.num_classes), dtype=torch.float32)
         block = max(1, QUERY_BYTES // (4 * self.dim))
         k = min(self.options["k"], len(self.bank_labels))
         for s in range(0, n, block):
@@ -228,11 +227,9 @@ class KNNHead(Head):
             else:
                 scores, ids = self._search(q, k, self.knob)
             for r in range(0, q.shape[0], VOTE_ROWS):  # N x C temporaries stay small at any C
-                out[s + r : s + r + VOTE_ROWS] = self._votes(q[r : r + VOTE_ROWS], scores[r : r + VOTE_ROWS],
-                                                             ids[r : r + VOTE_ROWS])
+                yield s + r, self._votes(q[r : r + VOTE_ROWS], scores[r : r + VOTE_ROWS], ids[r : r + VOTE_ROWS])
             if progress is not None:
                 progress(s + q.shape[0], n)
-        return out
 
     def _queries(self, feats: torch.Tensor, start: int, source: str) -> np.ndarray:
         """float32 queries as the index holds the bank, refusing NaN / inf (row numbers from `start`)."""
@@ -262,7 +259,7 @@ class KNNHead(Head):
         similarity = (qc @ self.class_means.t() - 1.0) / 4.0 - 1e-6
         return torch.where(out > 0, out, similarity)
 
-    def _logits_chunk(self, x, device):  # pragma: no cover - logits() is overridden
+    def _logits_chunk(self, x, device):  # pragma: no cover - iter_logits() is overridden
         raise NotImplementedError
 
     # ---- persistence ---------------------------------------------------------------------

@@ -15,7 +15,7 @@ from ..console import err_console, progress_bar
 from ..errors import LtcliError
 from ..heads import HEADS, baseline_method, build_head, load_head, methods
 from ..io import atomic_write_json
-from ..metrics import compute_metrics, metrics_table, write_per_class_csv
+from ..metrics import check_scores, checked_labels, compute_metrics, label_ranks, metrics_table, write_per_class_csv
 from ..options import Options, opt
 from ..rundir import RunDir
 from .common import input_path, log_event
@@ -70,9 +70,21 @@ def check_head_matches(head_path, prov: dict, fs, features_path) -> None:
                          f"in {features_path}")
 
 
+def _label_ranks(head, fs, features_path, progress=None) -> torch.Tensor:
+    """The rank of each true label under the head's scores, chunk by chunk: the N x C score
+    matrix is never held (0.8 GB per head at iNaturalist's 8,142 classes)."""
+    labels = checked_labels(fs.labels, fs.num_classes)
+    ranks = torch.empty(labels.shape[0], dtype=torch.int64)
+    for start, scores in head.iter_logits(fs.features, source=str(features_path), progress=progress):
+        check_scores(scores)
+        stop = start + scores.shape[0]
+        ranks[start:stop] = label_ranks(scores, labels[start:stop])
+    return ranks
+
+
 def _head_result(name: str, head, prov: dict, path, fs, opts: EvalOptions, features_path, progress=None) -> dict:
-    scores = head.logits(fs.features, source=str(features_path), progress=progress)
-    m = compute_metrics(scores, fs.labels, fs.train_counts, many=opts.many, few=opts.few)
+    ranks = _label_ranks(head, fs, features_path, progress)
+    m = compute_metrics(None, fs.labels, fs.train_counts, many=opts.many, few=opts.few, ranks=ranks)
     m["head_file"] = str(path) if path is not None else None
     m["method"] = getattr(head, "method", name)
     if "tau" in (prov.get("options") or {}):
@@ -83,13 +95,11 @@ def _head_result(name: str, head, prov: dict, path, fs, opts: EvalOptions, featu
 
 
 def _heads_to_score(opts: EvalOptions, run_dir: RunDir, fs):
-    """(name, head, provenance, path) for each head; the baseline joins from the features'
-    stage-1 classifier when the run has not fitted it (every comparison needs it)."""
+    """(name, head, provenance, path) for each head, head and provenance None until loaded; the
+    baseline joins from the features' stage-1 classifier when the run has not fitted it (every
+    comparison needs it)."""
     found = discover_heads(run_dir, [n.strip() for item in opts.heads for n in item.split(",") if n.strip()])
-    out = []
-    for name, path in found:
-        head, prov = load_head(path)
-        out.append((name, head, prov, path))
+    out = [(name, None, None, path) for name, path in found]  # loaded one at a time: see _run
     base = baseline_method()
     if not opts.heads and base not in {n for n, *_ in out} and fs.weight is not None:
         head = build_head(base).fit(fs, device="cpu")
@@ -116,6 +126,8 @@ def _run(opts: EvalOptions, run_dir: RunDir, features_path: Path) -> dict:
         task = bar.add_task("eval", total=len(heads), rate="")
         rows = bar.add_task("rows", total=1, rate="")
         for name, head, prov, path in heads:
+            if head is None:  # one head in memory at a time (each is C x D: 67 MB at iNat size)
+                head, prov = load_head(path)
             if path is not None:
                 check_head_matches(path, prov, fs, features_path)
             bar.update(task, description=f"eval {name}")
