@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -123,6 +124,34 @@ def test_images_replaced_under_the_same_names_are_not_reused(tmp_path):
     Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(img)  # same name, other pixels
     proc = ltcli_in_process("extract", "--run", run, "--split", "test", *CPU, expect=2)
     assert "different data_fingerprint" in proc.stderr
+
+
+def _stop_after_epoch_one(run: Path) -> None:
+    """Make a finished 2-epoch run look interrupted after epoch 1 (as a kill would leave it)."""
+    ckpt = torch.load(run / "backbone-last.pt", weights_only=True)
+    ckpt["epoch"] = 0  # 0-based: epoch 1 of 2 finished
+    torch.save(ckpt, run / "backbone-last.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verify", [False, True])
+def test_resume_after_the_data_folder_was_re_dated(tmp_path, verify):
+    """A copied or restored data folder has new modification times. Without --verify the run
+    cannot tell it from changed data and says how to avoid that; with --verify it resumes."""
+    data = _imagefolder(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["train-backbone", "--run", run, "--data", f"imagefolder:{data}", "--epochs", 2, *CPU]
+    args += ["--verify"] if verify else []
+    ltcli_in_process(*args)
+    _stop_after_epoch_one(run)
+    for img in data.rglob("*.png"):  # same bytes, new dates
+        os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    if verify:
+        ltcli_in_process(*args, "--resume")
+        assert torch.load(run / "backbone-last.pt", weights_only=True)["epoch"] == 1  # epoch 2 trained
+    else:
+        proc = ltcli_in_process(*args, "--resume", expect=2)
+        assert "changed since the run started" in proc.stderr and "--verify" in proc.stderr
 
 
 @pytest.mark.slow

@@ -194,7 +194,11 @@ def run(opts: TrainOptions, run_dir: RunDir, *, resume: bool = False, overwrite:
                                        opts.image_size)[0], opts.arch)
     info = _run_info(opts, dataset, model, data_cfg)
     if previous is not None and previous.get("dataset_id") != info["dataset_id"]:
-        raise LtcliError(f"--resume: the data behind {run_dir.run_json} changed since the run started")
+        # without --verify a file's identity is its size and modification time, so a copied or
+        # restored data folder reads as changed: say so, and how to start a run that survives it
+        why = ("images added, removed or changed, compared by their bytes" if previous.get("data", {}).get("verify") else
+               "images added, removed, resized or re-dated; start runs with --verify to compare bytes, not dates")
+        raise LtcliError(f"--resume: the data behind {run_dir.run_json} changed since the run started ({why})")
     images = TrainImages(dataset, opts, device)
     info["image_size"] = images.size  # what extract and predict must feed the backbone
     if images.skipped:
