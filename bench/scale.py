@@ -17,7 +17,8 @@ matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
     10 at ImageNet-LT, 1 at iNat, where one epoch is ~5 minutes on 2 cores), --out FILE.json,
     --only WORDS (rerun only the commands containing one of the comma-separated words, e.g.
     `eval,ivf`, taking the others' figures from --out's earlier results: a bench resumed after
-    a code change says so in its JSON, "rerun_only")
+    a code change says so in its JSON, "rerun_only"), --ivf-sweep (after a run: the ivf kNN
+    head's recall and speed-up over exact search at nprobe 16 ... 1,024, on 2,000 test queries)
 """
 
 from __future__ import annotations
@@ -156,6 +157,12 @@ def bare_products(run: Path, epochs: int, batch: int = 512) -> float:
 
 def knn_recall(run: Path, queries: int = 2000) -> dict:
     """recall@k of the ivf kNN head's neighbours against the exact ones, on test queries."""
+    return ivf_tradeoff(run, queries, knobs=None)[0]
+
+
+def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 512, 1024)) -> list[dict]:
+    """The ivf kNN head searched at each nprobe of `knobs` (None: the head's own) on test
+    queries: recall@k against exact search and the speed-up over it, both timed in this process."""
     from ltcli import neighbours
     from ltcli.cache import read_features
     from ltcli.heads import load_head
@@ -163,11 +170,21 @@ def knn_recall(run: Path, queries: int = 2000) -> dict:
     ivf, _ = load_head(run / "heads" / "knn.pt")
     test = read_features(run / "features" / "test.h5", mmap=True)
     q = ivf._queries(test.features[:queries], 0, "test")
-    k = ivf.options["k"]
+    k, nlist = ivf.options["k"], int(ivf.centroids.shape[0])
+    t0 = time.perf_counter()
     _, exact = neighbours.exact_search(q, ivf._chunks, k, ivf.options["metric"])
-    _, found = ivf._search(q, k, ivf.knob)
-    return {"recall@10": neighbours.recall_at(found, exact), "queries": len(q), "nprobe": ivf.knob,
-            "nlist": int(ivf.centroids.shape[0])}
+    exact_s = time.perf_counter() - t0
+    rows = []
+    for nprobe in knobs or (ivf.knob,):
+        t0 = time.perf_counter()
+        _, found = ivf._search(q, k, nprobe)
+        seconds = time.perf_counter() - t0
+        rows.append({"recall@10": neighbours.recall_at(found, exact), "queries": len(q), "nprobe": nprobe,
+                     "nlist": nlist, "lists_visited": round(nprobe / nlist, 4), "search_s": round(seconds, 2),
+                     "exact_s": round(exact_s, 2), "speedup": round(exact_s / seconds, 2)})
+        print(f"nprobe {nprobe:5d} ({nprobe / nlist:6.1%} of lists): recall@{k} {rows[-1]['recall@10']:.3f}, "
+              f"{seconds:6.1f} s against exact {exact_s:.1f} s ({exact_s / seconds:.1f}x)", file=sys.stderr)
+    return rows
 
 
 def main() -> None:
@@ -177,7 +194,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--only", help="comma-separated words; rerun only the commands containing one")
+    ap.add_argument("--ivf-sweep", action="store_true",
+                    help="only search the existing ivf kNN head at nprobe 16..1024 (recall, speed-up) and stop")
     a = ap.parse_args()
+    if a.ivf_sweep:
+        rows = ivf_tradeoff(a.workdir or Path(f"/tmp/ltcli-scale-{a.size}"))
+        text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"), "ivf_sweep": rows}, indent=2)
+        if a.out:
+            a.out.write_text(text + "\n")
+        print(text)
+        return
     earlier = {}
     if a.only:
         if not (a.out and a.out.exists()):
