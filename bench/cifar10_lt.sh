@@ -9,7 +9,9 @@
 #
 # The preset is a config file, bench/presets/PRESET.toml: its [train-backbone] section is stage 1,
 # its [fit-head.crt] / [fit-head.lws] sections stage 2. TRAIN=0 keeps the run's backbone (mixup+las
-# shares mixup's stage 1: copy that run and rerun stage 2 only).
+# shares mixup's stage 1: copy that run and rerun stage 2 only). RESUME=1 continues a stopped
+# stage 1 from its last epoch (`--resume`), then runs stage 2. Images are fingerprinted by their
+# bytes (--verify), so a run still resumes after its data folder was copied or restored.
 set -euo pipefail
 DATA=${1:-../shared/data/cifar10}
 RUN=${2:-runs/cifar10-lt}
@@ -19,6 +21,7 @@ PRESET=${PRESET:-ce}
 CONFIG="$HERE/presets/$PRESET.toml"
 LTCLI=${LTCLI:-ltcli}
 TRAIN=${TRAIN:-1}
+RESUME=${RESUME:-0}
 VIEWS=${VIEWS:-10}       # cRT / LWS train on K augmented views of each train image (official style)
 MANY=${MANY:-1000}       # shot-group thresholds sized for CIFAR-10-LT: its 10 classes split
 FEW=${FEW:-200}          # 4 / 3 / 3 (the tool's 100 / 20 would leave no few-shot class)
@@ -26,7 +29,8 @@ FEW=${FEW:-200}          # 4 / 3 / 3 (the tool's 100 / 20 would leave no few-sho
 
 start=$(date +%s)
 if [ "$TRAIN" = 1 ]; then
-  $LTCLI train-backbone --run "$RUN" --overwrite --config "$CONFIG" --data "imagefolder:$DATA" \
+  if [ "$RESUME" = 1 ]; then START=--resume; else START=--overwrite; fi
+  $LTCLI train-backbone --run "$RUN" "$START" --verify --config "$CONFIG" --data "imagefolder:$DATA" \
     --many "$MANY" --few "$FEW" "$@"
 fi
 trained=$(date +%s)
