@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +184,8 @@ def run(opts: TrainOptions, run_dir: RunDir, *, resume: bool = False, overwrite:
     seed_everything(opts.seed)
 
     data_cfg = opts.data_config()
+    if previous is not None:  # fingerprint the data as the run did (--verify: bytes; else size and date)
+        data_cfg = replace(data_cfg, verify=bool(previous.get("data", {}).get("verify")))
     dataset = load_dataset(data_cfg)
     for note in dataset.warnings[:5]:
         err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
@@ -196,7 +198,7 @@ def run(opts: TrainOptions, run_dir: RunDir, *, resume: bool = False, overwrite:
     if previous is not None and previous.get("dataset_id") != info["dataset_id"]:
         # without --verify a file's identity is its size and modification time, so a copied or
         # restored data folder reads as changed: say so, and how to start a run that survives it
-        why = ("images added, removed or changed, compared by their bytes" if previous.get("data", {}).get("verify") else
+        why = ("images added, removed or changed, compared by their bytes" if data_cfg.verify else
                "images added, removed, resized or re-dated; start runs with --verify to compare bytes, not dates")
         raise LtcliError(f"--resume: the data behind {run_dir.run_json} changed since the run started ({why})")
     images = TrainImages(dataset, opts, device)
