@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -31,6 +32,15 @@ def test_top_level_help_lists_every_command():
     proc = run_ltcli("--help")
     for cmd in COMMANDS:
         assert cmd in proc.stdout
+
+
+def test_commands_without_a_model_do_not_import_torchvision():
+    """torchvision's import is about a second: --help, info, fit-head, tune-tau and eval skip it."""
+    code = ("import sys, ltcli.cli, ltcli.jobs.fit, ltcli.jobs.tune, ltcli.jobs.evaluate; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torchvision'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_backbone, model_from_checkpoint
 from ..data import DataConfig, load_dataset
 from ..errors import LtcliError
 from ..inputs import input_size, probe_native_size
-from ..models import build_model
 from ..options import opt, or_list, seed_opt
 from ..rundir import RunDir, dataset_id as make_dataset_id, file_sha256
 from ..runtime import AMP_HELP, DEVICE_HELP, init_distributed, local_device, resolve_device, shutdown_distributed
@@ -95,6 +93,10 @@ def run(opts: ExtractOptions, run_dir: RunDir) -> list[Path]:
 def _load_backbone(opts: ExtractOptions, run_dir: RunDir, num_classes: int | None):
     """(model, checkpoint path, its sha256, arch) of the backbone to extract with: ltcli's own
     checkpoint, or (with --arch) any weights file, whose fresh classifier is not a stage-1 one."""
+    # imported here: torchvision costs every other command (and --help) a second
+    from ..checkpoint import load_backbone, model_from_checkpoint
+    from ..models import build_model
+
     ckpt_path = Path(opts.checkpoint or run_dir.backbone)
     if not ckpt_path.exists():
         raise LtcliError(f"{ckpt_path}: checkpoint not found; run `ltcli train-backbone --run {run_dir.root}` "

@@ -16,14 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import checkpoint_payload, load_backbone
 from ..console import err_console, progress_bar
 from ..data import DataConfig, load_dataset
 from ..errors import JobFailed, LtcliError
 from ..io import atomic_torch_save
 from ..mixing import LOSSES, log_prior
 from ..inputs import input_size, probe_native_size
-from ..models import build_model, check_input_size
 from ..options import opt
 from ..rundir import RunDir, file_sha256
 from ..runtime import (AMP_HELP, DEVICE_HELP, amp_dtype, init_distributed, local_device, resolve_device,
@@ -143,7 +141,7 @@ def _balanced_prior(opts: TrainOptions, images, dataset, device):
 
 def _resume_state(run: RunDir, model, optimizer, opts: TrainOptions) -> int:
     """Load backbone-last.pt into the model and optimizer; the epoch to start from."""
-    from ..checkpoint import load_weights
+    from ..checkpoint import load_backbone, load_weights
 
     last = run.last_checkpoint
     if not last.exists():  # killed before its first checkpoint: nothing trained yet
@@ -174,6 +172,9 @@ class TrainResult:
 def run(opts: TrainOptions, run_dir: RunDir, *, resume: bool = False, overwrite: bool = False,
         progress: bool = True) -> TrainResult:
     """Train stage 1 into `run_dir`."""
+    # imported here: torchvision costs every other command (and --help) a second
+    from ..models import build_model, check_input_size
+
     device = resolve_device(opts.device)
     amp = amp_dtype(opts.amp, device)
     dist_info = init_distributed(opts.device)
@@ -258,6 +259,8 @@ def _finish_run(run_dir, model, opts, info, images) -> None:
 
 
 def _payload(model, optimizer, epoch, opts, info) -> dict:
+    from ..checkpoint import checkpoint_payload
+
     return checkpoint_payload(model, optimizer, epoch, arch=opts.arch, num_classes=info["num_classes"],
                               feature_dim=info["feature_dim"], config=opts.identity(), dataset_id=info["dataset_id"])
 
