@@ -18,7 +18,9 @@ matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
     --only WORDS (rerun only the commands containing one of the comma-separated words, e.g.
     `eval,ivf`, taking the others' figures from --out's earlier results: a bench resumed after
     a code change says so in its JSON, "rerun_only"), --ivf-sweep (after a run: the ivf kNN
-    head's recall and speed-up over exact search at nprobe 16 ... 1,024, on 2,000 test queries)
+    head's recall and speed-up over exact search at nprobe 16 ... 1,024, on 2,000 test queries),
+    --compare-indexes (after a run: an hnsw kNN head fitted and evaluated beside the flat and ivf
+    ones, each command's seconds and peak RSS, head sizes and test accuracy)
 """
 
 from __future__ import annotations
@@ -200,6 +202,25 @@ def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 51
     return rows
 
 
+def compare_indexes(run: Path) -> dict:
+    """The three kNN indexes side by side on a benched cache (its ivf head heads/knn.pt and flat
+    head heads/knn-flat.pt): fit an hnsw head, then evaluate hnsw, flat and ivf on test, each in
+    its own process, one after the other."""
+    heads = {"hnsw": run / "heads" / "knn-hnsw.pt", "flat": run / "heads" / "knn-flat.pt", "ivf": run / "heads" / "knn.pt"}
+    fit = run_measured(["fit-head", "--method", "knn", "--index", "hnsw", "--out", heads["hnsw"], "--run", run])
+    rows = {"hnsw": {"fit": fit}}
+    for name, head in heads.items():
+        reports = run / f"reports-compare-{name}"
+        res = run_measured(["eval", "--heads", head, "--out", reports, "--run", run])
+        test = next(iter(json.loads((reports / "eval-test.json").read_text())["heads"].values()))
+        rows.setdefault(name, {}).update({"eval": res, "head_bytes": head.stat().st_size,
+                                          **{k: round(test[k], 4) for k in ("overall", "many", "medium", "few")}})
+        print(f"{name:5s} eval {res['seconds']:7.1f} s  {res['peak_rss'] / GIB:5.2f} GiB  head "
+              f"{rows[name]['head_bytes'] / 1e6:7.1f} MB  top-1 {100 * test['overall']:.1f}", file=sys.stderr)
+    print(f"hnsw fit {fit['seconds']:.1f} s; {' '.join(fit['stderr_tail'])}", file=sys.stderr)
+    return {"train_cache_bytes": (run / "features" / "train.h5").stat().st_size, "indexes": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), required=True)
@@ -209,10 +230,14 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated words; rerun only the commands containing one")
     ap.add_argument("--ivf-sweep", action="store_true",
                     help="only search the existing ivf kNN head at nprobe 16..1024 (recall, speed-up) and stop")
+    ap.add_argument("--compare-indexes", action="store_true",
+                    help="only fit an hnsw kNN head and evaluate it beside the flat and ivf ones, and stop")
     a = ap.parse_args()
-    if a.ivf_sweep:
-        rows = ivf_tradeoff(a.workdir or Path(f"/tmp/ltcli-scale-{a.size}"))
-        text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"), "ivf_sweep": rows}, indent=2)
+    if a.ivf_sweep or a.compare_indexes:
+        run = a.workdir or Path(f"/tmp/ltcli-scale-{a.size}")
+        found = {"ivf_sweep": ivf_tradeoff(run)} if a.ivf_sweep else compare_indexes(run)
+        text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"),
+                           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **found}, indent=2, default=str)
         if a.out:
             a.out.write_text(text + "\n")
         print(text)
