@@ -165,6 +165,8 @@ def knn_recall(run: Path, queries: int = 2000) -> dict:
 def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 512, 1024)) -> list[dict]:
     """The ivf kNN head searched at each nprobe of `knobs` (None: the head's own) on test
     queries: recall@k against exact search and the speed-up over it, both timed in this process."""
+    import faiss
+
     from ltcli import neighbours
     from ltcli.cache import read_features
     from ltcli.heads import load_head
@@ -172,7 +174,7 @@ def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 51
     ivf, _ = load_head(run / "heads" / "knn.pt")
     test = read_features(run / "features" / "test.h5", mmap=True)
     q = ivf._queries(test.features[:queries], 0, "test")
-    k, nlist = ivf.options["k"], int(ivf.centroids.shape[0])
+    k, nlist = ivf.options["k"], int(faiss.extract_index_ivf(ivf._get_index()).nlist)
     labels = test.labels[:queries].numpy()
 
     def predict(scores, ids):  # the head's own vote, as eval scores it
@@ -185,7 +187,7 @@ def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 51
     rows = []
     for nprobe in knobs or (ivf.knob,):
         t0 = time.perf_counter()
-        scores, found = ivf._search(q, k, nprobe)
+        scores, found = ivf._search(q, k, nprobe, ivf.depth)
         seconds = time.perf_counter() - t0
         pred = predict(scores, found)
         # recall@k is strict where the k nearest are near-ties; what a user sees is the vote

@@ -2,15 +2,15 @@
 
 - exact: every query against every bank row, the bank streamed in chunks (from the memory-
   mapped cache), the k best kept in a heap; memory is one chunk, whatever N is.
-- ivf: an inverted file over the cache. k-means centroids (FAISS) split the bank into lists;
-  the index is the centroids and each row's list, so it is small (no vector is copied). A
-  query visits its `nprobe` nearest lists and is scored exactly against their rows, read
-  from the cache a list at a time for all the queries that visit it.
+- ivf: an inverted file of product-quantised codes (FAISS IVF-PQ, 4-bit "fast scan": k-means
+  centroids split the bank into lists, each row kept as D/8 bytes of codes). A query visits its
+  `nprobe` nearest lists, scores their codes with SIMD table lookups (far cheaper than a dot
+  product with each row), and its best candidates are re-ranked exactly against the cache.
 - hnsw: a graph over 8-bit scalar-quantised vectors (HNSW-SQ8; D bytes a row), whose
   candidates are re-ranked exactly against the cache rows.
 
 The knob (nprobe, efSearch) is chosen at fit time as the smallest that reaches the target
-recall against the exact search on a sample of queries. The HNSW index is stored with FAISS's
+recall against the exact search on a sample of queries. Both indexes are stored with FAISS's
 own serialisation and checked by sha256."""
 
 from __future__ import annotations
@@ -57,67 +57,34 @@ def exact_search(queries: np.ndarray, chunks: Chunks, k: int, metric: str,
     return heap.D, heap.I
 
 
-def train_ivf(sample: np.ndarray, n: int, metric: str, nlist: int | None = None, seed: int = 0) -> np.ndarray:
-    """k-means centroids (nlist x D float32) of a sample of the bank: ~4 sqrt(N) lists, with
-    at least 20 training points each."""
-    nlist = int(nlist or max(1, min(4 * math.sqrt(n), len(sample) // 20)))
-    nlist = max(1, min(nlist, len(sample)))
-    km = _faiss().Kmeans(sample.shape[1], nlist, niter=20, seed=seed, spherical=metric == "cosine",
-                         verbose=False, min_points_per_centroid=1)
-    km.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return km.centroids.astype(np.float32)
+def ivf_lists(n: int, sample_rows: int, nlist: int | None = None) -> int:
+    """~4 sqrt(N) lists, with at least 20 training points each (and at least one list)."""
+    return max(1, min(int(nlist or max(1, min(4 * math.sqrt(n), sample_rows // 20))), sample_rows))
 
 
-def assign_lists(chunks: Chunks, centroids: np.ndarray, metric: str) -> np.ndarray:
-    """The list (nearest centroid) of every bank row, int32."""
+def build_ivf(chunks: Chunks, d: int, metric: str, sample: np.ndarray, nlist: int):
+    """IVF-PQ fast scan: `nlist` k-means lists (trained on `sample`), each row as D/4 4-bit codes
+    (one per 4 dimensions; D is zero-padded to a multiple of 4, which changes no distance)."""
     faiss = _faiss()
-    out = []
-    for _, xb in chunks():
-        _, i = faiss.knn(xb, centroids, 1, metric=_metric(metric))
-        out.append(i[:, 0].astype(np.int32))
-    return np.concatenate(out) if out else np.zeros(0, np.int32)
-
-
-def ivf_search(queries: np.ndarray, centroids: np.ndarray, lists: np.ndarray, rows: Callable, k: int, nprobe: int,
-               metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, ids) as exact_search returns them, over the rows of each query's nprobe nearest
-    lists. Each list is read once for every query that visits it."""
-    faiss = _faiss()
-    nq, nprobe = queries.shape[0], int(min(nprobe, centroids.shape[0]))
-    _, probes = faiss.knn(queries, centroids, nprobe, metric=_metric(metric))  # nq x nprobe
-    order = np.argsort(lists, kind="stable")
-    bounds = np.searchsorted(lists[order], np.arange(centroids.shape[0] + 1))
-    sign = -1.0 if metric == "cosine" else 1.0  # lower `sign * score` is better
-    best_s = np.full((nq, k), np.inf, dtype=np.float32)  # the running k best, as sign * score
-    best_i = np.full((nq, k), -1, dtype=np.int64)
-    flat = probes.ravel()
-    visit = np.argsort(flat, kind="stable")  # (query, slot) pairs grouped by list
-    starts = np.searchsorted(flat[visit], np.arange(centroids.shape[0] + 1))
-    for lst in np.unique(flat[flat >= 0]):
-        members = np.sort(order[bounds[lst] : bounds[lst + 1]])
-        if len(members) == 0:
-            continue
-        qi = visit[starts[lst] : starts[lst + 1]] // nprobe
-        bank = rows(members)
-        s = queries[qi] @ bank.T
-        if metric != "cosine":  # squared distances
-            s = (queries[qi] ** 2).sum(1, keepdims=True) - 2 * s + (bank ** 2).sum(1)[None]
-        s = (sign * s).astype(np.float32)
-        kk = min(k, len(members))
-        top = np.argpartition(s, kk - 1, axis=1)[:, :kk]
-        merged_s = np.concatenate([best_s[qi], np.take_along_axis(s, top, 1)], axis=1)
-        merged_i = np.concatenate([best_i[qi], members[top]], axis=1)
-        keep = np.argpartition(merged_s, k - 1, axis=1)[:, :k]
-        best_s[qi], best_i[qi] = np.take_along_axis(merged_s, keep, 1), np.take_along_axis(merged_i, keep, 1)
-    order_k = np.argsort(best_s, axis=1, kind="stable")
-    scores = np.take_along_axis(best_s, order_k, 1) * sign
-    ids = np.take_along_axis(best_i, order_k, 1)
-    return scores.astype(np.float32), np.where(np.isfinite(scores), ids, -1)
+    padded = -(-d // 4) * 4
+    if len(sample) < 16:  # each 4-bit sub-quantiser has 16 centroids; k-means needs as many points
+        sample = np.resize(sample, (16, sample.shape[1]))
+    quantizer = (faiss.IndexFlatIP if metric == "cosine" else faiss.IndexFlatL2)(padded)
+    ivf = faiss.IndexIVFPQFastScan(quantizer, padded, int(nlist), padded // 4, 4, _metric(metric))
+    for cp in (ivf.cp, ivf.pq.cp):  # seeded; no k-means warnings on small samples
+        cp.seed, cp.min_points_per_centroid = 0, 1
+    # (faiss's Python wrappers keep the quantizer and the inner index alive beside their owner)
+    index = ivf if padded == d else faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, padded, False), ivf)
+    return _filled(index, chunks, sample)
 
 
 def build_hnsw(chunks: Chunks, d: int, metric: str, sample: np.ndarray):
     """HNSW over 8-bit scalar-quantised vectors (the quantiser trained on `sample`)."""
     index = _faiss().IndexHNSWSQ(d, _faiss().ScalarQuantizer.QT_8bit, 32, _metric(metric))
+    return _filled(index, chunks, sample)
+
+
+def _filled(index, chunks: Chunks, sample: np.ndarray):
     index.train(np.ascontiguousarray(sample, dtype=np.float32))
     for _, xb in chunks():
         index.add(xb)
@@ -125,12 +92,21 @@ def build_hnsw(chunks: Chunks, d: int, metric: str, sample: np.ndarray):
 
 
 def set_knob(index, value: int) -> None:
-    index.hnsw.efSearch = int(value)
+    """nprobe (ivf) or efSearch (hnsw)."""
+    if hasattr(index, "hnsw"):
+        index.hnsw.efSearch = int(value)
+    else:
+        _faiss().extract_index_ivf(index).nprobe = int(value)
 
 
-def candidates(index, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the approximate index's best max(10k, 64) rows per query (-1 padded)."""
-    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), max(10 * k, 64))
+def default_depth(k: int) -> int:
+    """Candidates re-ranked exactly per query, unless fitting found the codes need more."""
+    return max(10 * k, 64)
+
+
+def candidates(index, queries: np.ndarray, depth: int) -> np.ndarray:
+    """Ids of the approximate index's best `depth` rows per query (-1 padded)."""
+    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), int(depth))
     return ids
 
 
@@ -170,17 +146,22 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(hits)) if hits else 1.0
 
 
-def tune_knob(search: Callable[[np.ndarray, int], np.ndarray], kind: str, queries: np.ndarray, truth: np.ndarray,
-              limit: int, target: float = TARGET_RECALL) -> tuple[int, float]:
-    """The smallest knob value (of KNOBS[kind], at most `limit`) whose search(queries, value) ->
-    ids reaches `target` recall against `truth`."""
-    recall, value = 0.0, KNOBS[kind][0]
+def tune_knob(search: Callable[[np.ndarray, int, int], np.ndarray], kind: str, queries: np.ndarray,
+              truth: np.ndarray, limit: int, k: int, rows: int, target: float = TARGET_RECALL) -> tuple[int, int, float]:
+    """(knob, depth, recall): the smallest knob value (of KNOBS[kind], at most `limit`) whose
+    search(queries, knob, depth) -> ids reaches `target` recall against `truth`, at the default
+    re-rank depth; where even the largest knob does not (codes too coarse to rank the true
+    neighbours among the first candidates), the depth doubles until it does or covers all `rows`."""
+    recall, value, depth = 0.0, KNOBS[kind][0], default_depth(k)
     for value in KNOBS[kind]:
         value = min(value, limit)
-        recall = recall_at(search(queries, value), truth)
+        recall = recall_at(search(queries, value, depth), truth)
         if recall >= target or value >= limit:
             break
-    return value, recall
+    while recall < target and depth < rows:
+        depth = min(2 * depth, rows)
+        recall = recall_at(search(queries, value, depth), truth)
+    return value, depth, recall
 
 
 def serialize(index) -> tuple[np.ndarray, str]:

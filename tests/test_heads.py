@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ltcli import faiss_index
+from ltcli import faiss_index, neighbours
 from ltcli.errors import LtcliError
 from ltcli.featureset import FeatureSet
 from ltcli.heads import HEADS, available_methods, build_head
@@ -466,6 +466,44 @@ def test_knn_indexes_agree_with_exact_search(index, tmp_path):
     assert (got.argmax(1) == exact.argmax(1)).float().mean() >= 0.9
     save_head(head, tmp_path / "k.pt", {})
     assert torch.equal(load_head(tmp_path / "k.pt")[0].logits(q), got)
+
+
+@pytest.mark.parametrize("n,d,metric", [(10, 30, "cosine"), (300, 30, "euclidean"), (3000, 64, "cosine")])
+def test_ivf_reaches_the_recall_target_on_unstructured_features(n, d, metric, tmp_path):
+    """Gaussian noise has no clusters and 4-bit codes rank it poorly: the fit must still reach
+    recall 0.95, by visiting more lists and then re-ranking more candidates, whatever D (D = 30
+    is padded to a multiple of 4) and however few rows (fewer than a sub-quantiser's 16 centroids)."""
+    from ltcli.heads import load_head, save_head
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(n, d, generator=g), torch.randint(0, 5, (n,), generator=g)
+    fs = make_fs(x.half(), y)
+    head = build_head("knn", index="ivf", metric=metric).fit(fs)
+    assert head.recall >= 0.95, head.fit_note
+    if n == 3000:  # codes this coarse need a deeper re-rank than the default, and say so
+        assert head.depth > neighbours.default_depth(10) and "candidates re-ranked" in head.fit_note
+    exact = build_head("knn", metric=metric).fit(fs).logits(x[:200])
+    got = head.logits(x[:200])
+    assert (got.argmax(1) == exact.argmax(1)).float().mean() >= 0.95
+    save_head(head, tmp_path / "k.pt", {})
+    loaded = load_head(tmp_path / "k.pt")[0]
+    assert (loaded.knob, loaded.depth) == (head.knob, head.depth)
+    assert torch.equal(loaded.logits(x[:200]), got)
+
+
+def test_ivf_head_of_an_earlier_version_asks_for_a_refit(tmp_path):
+    from ltcli.heads import load_head, save_head
+
+    fs, _ = _clustered(n=600)
+    save_head(build_head("knn", index="ivf").fit(fs), tmp_path / "k.pt", {})
+    blob = torch.load(tmp_path / "k.pt", weights_only=True)
+    state = blob["state"]
+    for key in ("index", "index_sha256", "depth"):
+        state.pop(key)
+    state.update(centroids=torch.zeros(4, 32), lists=torch.zeros(600, dtype=torch.int32))  # the old layout
+    torch.save(blob, tmp_path / "old.pt")
+    with pytest.raises(LtcliError, match="an ivf kNN head of an earlier ltcli.*refit it"):
+        load_head(tmp_path / "old.pt")
 
 
 def test_knn_head_refers_to_the_train_cache(tiny_pipeline, tmp_path):

@@ -11,8 +11,8 @@ the query to their mean (so top-5 is a similarity ranking, not a tie-break).
 
 The train features are not copied into the head: it refers to the train cache by path and
 content checksum (rows_sha256) and searches it in chunks (index='flat': exact), or keeps an
-approximate index (index='ivf' | 'hnsw', `ltcli.neighbours`) whose candidates are re-ranked
-exactly against the cache. A FeatureSet that is no file (the Python API) is kept in the head."""
+approximate index (index='ivf' | 'hnsw', `ltcli.neighbours`, FAISS's own serialisation checked by
+sha256) whose candidates are re-ranked exactly against the cache. A FeatureSet that is no file (the Python API) is kept in the head."""
 
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ class KNNHead(Head):
         "k": Opt(10, int, "neighbours that vote", min=1, max=10_000),
         "metric": Opt("cosine", str, "cosine or euclidean", choices=faiss_index.METRICS),
         "weighting": Opt("distance", str, "vote 1/(1+d) or 1 per neighbour", choices=("distance", "count")),
-        "index": Opt("flat", str, "flat: exact search of the train cache; ivf: an inverted file over the cache "
-                     "(small, exact within the lists visited); hnsw: a graph over 8-bit codes (D bytes a row), "
-                     "re-ranked exactly", choices=neighbours.INDEXES),
+        "index": Opt("flat", str, "flat: exact search of the train cache; ivf: an inverted file of 4-bit PQ codes "
+                     "(D/8 bytes a row); hnsw: a graph over 8-bit codes (D bytes a row); both re-ranked exactly "
+                     "against the cache", choices=neighbours.INDEXES),
         "nlist": Opt(None, int, "ivf: inverted lists (default 4 * sqrt(N))", min=1, max=1 << 20, optional=True),
     }
     checks_values_on_device = True  # train_mean checks NaN/inf in its pass
@@ -81,7 +81,7 @@ class KNNHead(Head):
             self.bank = half if torch.equal(half.to(torch.float32), bank) else bank
         self._source = feats
         self.index_bytes, self.index_sha, self.knob, self.recall = None, None, 0, None
-        self.centroids = self.lists = None
+        self.depth = neighbours.default_depth(self.options["k"])
         if self.options["index"] != "flat":
             self._build_index(train)
         self._index = None
@@ -101,10 +101,9 @@ class KNNHead(Head):
         size = min(n, max(TRAIN_SAMPLE, 20 * int(4 * np.sqrt(n))))
         sample = self._rows(np.sort(rng.choice(n, size=size, replace=False)))
         if kind == "ivf":
-            centroids = neighbours.train_ivf(sample, n, metric, self.options["nlist"])
-            self.centroids = torch.from_numpy(centroids)
-            self.lists = torch.from_numpy(neighbours.assign_lists(self._chunks, centroids, metric))
-            limit, what = len(centroids), f"{len(centroids)} lists over the cache, nprobe"
+            nlist = neighbours.ivf_lists(n, len(sample), self.options["nlist"])
+            index = self._index = neighbours.build_ivf(self._chunks, self.dim, metric, sample, nlist)
+            limit, what = nlist, f"IVF-PQ, {nlist} lists, nprobe"
         else:
             index = self._index = neighbours.build_hnsw(self._chunks, self.dim, metric, sample)
             limit, what = neighbours.KNOBS["hnsw"][-1], "HNSW-SQ8, efSearch"
@@ -118,17 +117,17 @@ class KNNHead(Head):
         exact_s = time.perf_counter() - t0
         truth = _without(truth, ids, k)
 
-        def found(q, v):
-            return _without(self._search(q, min(k + 1, n), v)[1], ids, k)
+        def found(q, knob, depth):
+            return _without(self._search(q, min(k + 1, n), knob, depth)[1], ids, k)
 
-        self.knob, self.recall = neighbours.tune_knob(found, kind, queries, truth, limit)
+        self.knob, self.depth, self.recall = neighbours.tune_knob(found, kind, queries, truth, limit, k, n)
         t0 = time.perf_counter()
-        self._search(queries, k, self.knob)
+        self._search(queries, k, self.knob, self.depth)
         speedup = exact_s / max(time.perf_counter() - t0, 1e-9)
-        if kind == "hnsw":
-            data, self.index_sha = neighbours.serialize(index)
-            self.index_bytes = torch.from_numpy(data.copy())
-        self.fit_note = (f"{kind} index ({what} {self.knob}): recall@{k} {self.recall:.3f} against exact search "
+        data, self.index_sha = neighbours.serialize(index)
+        self.index_bytes = torch.from_numpy(data.copy())
+        deeper = "" if self.depth == neighbours.default_depth(k) else f", {self.depth} candidates re-ranked"
+        self.fit_note = (f"{kind} index ({what} {self.knob}{deeper}): recall@{k} {self.recall:.3f} against exact search "
                          f"on {len(queries)} class-balanced train queries (each without itself), {speedup:.1f}x "
                          "faster than exact search on them")
 
@@ -143,14 +142,11 @@ class KNNHead(Head):
         picks = order[starts[cls] + (rng.random(count) * counts[cls]).astype(np.int64)]
         return np.unique(picks)
 
-    def _search(self, q: np.ndarray, k: int, knob: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, ids) of the k best bank rows by the head's index at `knob`."""
-        metric = self.options["metric"]
-        if self.options["index"] == "ivf":
-            return neighbours.ivf_search(q, self.centroids.numpy(), self.lists.numpy(), self._rows, k, knob, metric)
+    def _search(self, q: np.ndarray, k: int, knob: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the k best bank rows: the index's best `depth` at `knob`, re-ranked exactly."""
         index = self._get_index()
         neighbours.set_knob(index, knob)
-        return neighbours.rerank(q, neighbours.candidates(index, q, k), self._rows, k, metric)
+        return neighbours.rerank(q, neighbours.candidates(index, q, depth), self._rows, k, self.options["metric"])
 
     # ---- the bank ------------------------------------------------------------------------
     def _prep(self, x) -> np.ndarray:
@@ -225,7 +221,7 @@ class KNNHead(Head):
             if self.options["index"] == "flat":
                 scores, ids = neighbours.exact_search(q, self._chunks, k, self.options["metric"])
             else:
-                scores, ids = self._search(q, k, self.knob)
+                scores, ids = self._search(q, k, self.knob, self.depth)
             for r in range(0, q.shape[0], VOTE_ROWS):  # N x C temporaries stay small at any C
                 yield s + r, self._votes(q[r : r + VOTE_ROWS], scores[r : r + VOTE_ROWS], ids[r : r + VOTE_ROWS])
             if progress is not None:
@@ -264,7 +260,7 @@ class KNNHead(Head):
 
     # ---- persistence ---------------------------------------------------------------------
     def _state(self) -> dict:
-        state = {"mean": self.mean, "bank_labels": self.bank_labels, "knob": int(self.knob)}
+        state = {"mean": self.mean, "bank_labels": self.bank_labels, "knob": int(self.knob), "depth": int(self.depth)}
         if self.class_means is not None:
             state["class_means"] = self.class_means
         if self.bank is not None:
@@ -273,8 +269,6 @@ class KNNHead(Head):
             state.update(bank_file=self.bank_file, bank_rows_sha256=self.bank_chain)
         if self.index_bytes is not None:
             state.update(index=self.index_bytes, index_sha256=self.index_sha)
-        if self.centroids is not None:
-            state.update(centroids=self.centroids, lists=self.lists)
         if self.recall is not None:
             state["recall"] = float(self.recall)
         return state
@@ -298,23 +292,18 @@ class KNNHead(Head):
         if self.bank is None and not (isinstance(self.bank_file, str) and isinstance(self.bank_chain, str)):
             raise LtcliError("head state: neither 'bank' nor 'bank_file' / 'bank_rows_sha256'")
         self.knob = get_int(state, "knob", min_value=0) if "knob" in state else 0
-        self.index_bytes, self.index_sha, self.centroids, self.lists = None, None, None, None
+        k = min(self.options["k"], n)
+        self.depth = get_int(state, "depth", min_value=k) if "depth" in state else neighbours.default_depth(k)
+        self.index_bytes, self.index_sha = None, None
         self.recall = state.get("recall")
-        if self.options["index"] == "hnsw":
+        if self.options["index"] != "flat":
             index = state.get("index")
+            if self.options["index"] == "ivf" and index is None and "centroids" in state:
+                raise LtcliError("head state: an ivf kNN head of an earlier ltcli (inverted lists without codes); "
+                                 "refit it with this version")
             if not isinstance(index, torch.Tensor) or index.dtype != torch.uint8 or index.dim() != 1:
                 raise LtcliError("head state: 'index' missing or not a byte tensor")
             if not isinstance(state.get("index_sha256"), str):
                 raise LtcliError("head state: 'index_sha256' missing")
             self.index_bytes, self.index_sha = index, state["index_sha256"]
-        elif self.options["index"] == "ivf":
-            cents = state.get("centroids")
-            nlist = int(cents.shape[0]) if isinstance(cents, torch.Tensor) and cents.dim() == 2 else 0
-            if nlist < 1:
-                raise LtcliError("head state: 'centroids' missing or not an nlist x D tensor")
-            self.centroids = get_tensor(state, "centroids", (nlist, self.dim)).float()
-            lists = get_tensor(state, "lists", (n,), floating=False)
-            if int(lists.min()) < 0 or int(lists.max()) >= nlist:
-                raise LtcliError("head state: 'lists' out of range for the centroids")
-            self.lists = lists.to(torch.int32)
         self._index = None
