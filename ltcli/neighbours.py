@@ -126,13 +126,19 @@ def rerank(queries: np.ndarray, ids: np.ndarray, rows: Callable[[np.ndarray], np
 def _rerank(queries, ids, rows, k, metric):
     valid = ids >= 0
     uniq, inverse = np.unique(np.where(valid, ids, 0), return_inverse=True)
-    bank = rows(uniq)[inverse.reshape(ids.shape)]  # nq x kc x d
+    bank = np.ascontiguousarray(rows(uniq), dtype=np.float32)
+    inverse = np.ascontiguousarray(inverse.reshape(ids.shape), dtype=np.int64)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    s = np.empty(ids.shape, dtype=np.float32)
+    # each query against its own candidates (FAISS's SIMD loop; no query x candidate x D copy)
+    faiss = _faiss()
+    by_idx = faiss.fvec_inner_products_by_idx if metric == "cosine" else faiss.fvec_L2sqr_by_idx
+    by_idx(faiss.swig_ptr(s), faiss.swig_ptr(queries), faiss.swig_ptr(bank), faiss.swig_ptr(inverse),
+           queries.shape[1], ids.shape[0], ids.shape[1])
     if metric == "cosine":
-        s = np.einsum("qd,qcd->qc", queries, bank)
         s = np.where(valid, s, -np.inf)
         order = np.argsort(-s, axis=1, kind="stable")[:, :k]
     else:
-        s = ((bank - queries[:, None, :]) ** 2).sum(-1)
         s = np.where(valid, s, np.inf)
         order = np.argsort(s, axis=1, kind="stable")[:, :k]
     best = np.take_along_axis(s, order, 1).astype(np.float32)

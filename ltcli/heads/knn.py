@@ -150,18 +150,19 @@ class KNNHead(Head):
 
     # ---- the bank ------------------------------------------------------------------------
     def _prep(self, x) -> np.ndarray:
-        """float32 rows (views averaged) as the index holds them, in NumPy (cheaper than torch
-        for the many small blocks an inverted file reads)."""
-        x = np.asarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
-        x = x.mean(axis=1) if x.ndim == 3 else np.array(x, dtype=np.float32, copy=True)
+        """float32 rows (views averaged) as the index holds them, as a NumPy array (what FAISS
+        takes); converted by torch, whose float16 -> float32 is about twice NumPy's speed."""
+        src = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+        t = src.to(torch.float32)
+        t = t.mean(dim=1) if t.dim() == 3 else (t.clone() if t is src else t)  # never edit the caller's rows
         if self.options["metric"] == "cosine":
-            x -= self._mean_np()
-            x /= np.maximum(np.sqrt(np.einsum("ij,ij->i", x, x)), 1e-12)[:, None]
-        return np.ascontiguousarray(x)
+            t -= self._mean_t()
+            t /= torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min(1e-12)
+        return np.ascontiguousarray(t.numpy())
 
-    def _mean_np(self) -> np.ndarray:
+    def _mean_t(self) -> torch.Tensor:
         if getattr(self, "_mean_cache", None) is None:
-            self._mean_cache = self.mean.numpy().astype(np.float32)
+            self._mean_cache = self.mean.to(torch.float32)
         return self._mean_cache
 
     def _bank_features(self) -> torch.Tensor:
