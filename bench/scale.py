@@ -249,6 +249,10 @@ def main() -> None:
     a = ap.parse_args()
     if a.ivf_sweep or a.compare_indexes:
         run = a.workdir or Path(f"/tmp/ltcli-scale-{a.size}")
+        needed = [run / "heads" / name for name in ("knn.pt", "knn-flat.pt")] + [run / "features" / "test.h5"]
+        missing = [str(p) for p in needed if not p.exists()]
+        if missing:
+            ap.error(f"{missing[0]} is missing: run `python bench/scale.py --size {a.size}` on {run} first")
         found = {"ivf_sweep": ivf_tradeoff(run)} if a.ivf_sweep else compare_indexes(run)
         text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"),
                            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **found}, indent=2, default=str)
