@@ -6,8 +6,11 @@ Gaussians shaped like a CNN's: they live near a 128-d subspace (real embeddings 
 falling spectrum), each class is 4 modes (sub-populations: poses, varieties) whose centres
 overlap other classes', so a class mean is a poor summary of a class and nearest neighbours mean
 something, and each mode varies along a few directions of its own, so the features' intrinsic
-dimension is that of real CNN features (~20, not the 128 of isotropic noise), which is what
-decides whether an approximate index finds the nearest neighbours cheaply (bench/RESULTS.md);
+dimension (TwoNN, at the scale of nearest neighbours) is that of real CNN features (~20, not the
+~80 of isotropic noise in the subspace; bench/intrinsic_dim.py, bench/RESULTS.md). The class
+centres themselves are independent draws, with none of the hierarchy of real classes (species
+of a genus sit together), so a tail-class query's neighbours lie in every direction: the hard
+case for an approximate index;
 then runs each command as a user would (`python -m ltcli ...`, one process each) and records
 its wall time and peak RSS (GNU time's maximum resident set size) beside the size of the float16 train
 matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.

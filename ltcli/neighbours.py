@@ -104,9 +104,13 @@ def default_depth(k: int) -> int:
     return max(10 * k, 64)
 
 
-def candidates(index, queries: np.ndarray, depth: int) -> np.ndarray:
-    """Ids of the approximate index's best `depth` rows per query (-1 padded)."""
-    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), int(depth))
+def candidates(index, queries: np.ndarray, depth: int, rows: int = 4096) -> np.ndarray:
+    """Ids of the approximate index's best `depth` rows per query (-1 padded), `rows` queries a
+    call: FAISS's per-call scratch (look-up tables, result heaps) grows with the queries it gets."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    ids = np.empty((queries.shape[0], int(depth)), dtype=np.int64)
+    for s in range(0, queries.shape[0], rows):
+        ids[s : s + rows] = index.search(queries[s : s + rows], int(depth))[1]
     return ids
 
 
