@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -519,3 +521,25 @@ def test_knn_head_refers_to_the_train_cache(tiny_pipeline, tmp_path):
     (moved / "features" / "train.h5").unlink()
     r = run_cli(["eval", "--run", moved, "--heads", "knn"])
     assert r.code == 2 and "the train features this kNN head searches are missing" in r.err
+
+
+def test_knn_head_of_a_copied_run_finds_its_own_features(tiny_pipeline, tmp_path):
+    """A run copied elsewhere, and another cache written at the original's place: the copy's
+    head searches the copy's features (the ones its checksum names); the original refuses."""
+    import shutil
+
+    from conftest import check_ok, copy_run, run_cli
+
+    run = copy_run(tiny_pipeline, tmp_path / "run")
+    check_ok(run_cli(["fit-head", "--run", run, "--method", "knn"]))
+    check_ok(run_cli(["eval", "--run", run, "--heads", "knn", "--json"]))
+    before = (run / "reports" / "eval-test.json").read_text()
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.copyfile(run / "features" / "val.h5", run / "features" / "train.h5")  # other rows at the old path
+    (copy / "reports" / "eval-test.json").unlink()
+    check_ok(run_cli(["eval", "--run", copy, "--heads", "knn", "--json"]))
+    after = json.loads((copy / "reports" / "eval-test.json").read_text())["heads"]
+    assert after["knn"]["overall"] == json.loads(before)["heads"]["knn"]["overall"]
+    r = run_cli(["eval", "--run", run, "--heads", "knn"])
+    assert r.code == 2 and "not the train features this kNN head was fitted on" in r.err

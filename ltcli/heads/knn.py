@@ -178,14 +178,20 @@ class KNNHead(Head):
 
         from ..cache import read_attrs, read_features
 
+        def chain_of(path) -> str | None:
+            try:
+                return read_attrs(path).get("rows_sha256")
+            except LtcliError:
+                return None
+
+        # the run was moved or copied (perhaps with another run now at its old place): its own features
         moved = Path(getattr(self, "file", "") or ".").resolve().parent.parent / "features" / Path(self.bank_file).name
-        if not Path(self.bank_file).exists() and moved.exists():  # the run was moved: its own features
-            self.bank_file = str(moved)
-        try:
-            chain = read_attrs(self.bank_file).get("rows_sha256")
-        except LtcliError:
+        chain = chain_of(self.bank_file)
+        if chain != self.bank_chain and moved.exists() and chain_of(moved) == self.bank_chain:
+            self.bank_file, chain = str(moved), self.bank_chain
+        if chain is None:
             raise LtcliError(f"{self.bank_file}: the train features this kNN head searches are missing or "
-                             "unreadable (keep them beside the head, or refit it)") from None
+                             "unreadable (keep them beside the head, or refit it)")
         if chain != self.bank_chain:
             raise LtcliError(f"{self.bank_file}: not the train features this kNN head was fitted on (its "
                              "checksum differs); refit the head")
