@@ -224,7 +224,8 @@ def compare_indexes(run: Path) -> dict:
     """The three kNN indexes side by side on a benched cache (its ivf head heads/knn.pt and flat
     head heads/knn-flat.pt): fit an hnsw head, then evaluate hnsw, flat and ivf on test, each in
     its own process, one after the other."""
-    heads = {"hnsw": run / "heads" / "knn-hnsw.pt", "flat": run / "heads" / "knn-flat.pt", "ivf": run / "heads" / "knn.pt"}
+    heads = {name: run / "heads" / file for name, file in
+             (("hnsw", "knn-hnsw.pt"), ("flat", "knn-flat.pt"), ("ivf", "knn.pt"))}
     fit = run_measured(["fit-head", "--method", "knn", "--index", "hnsw", "--out", heads["hnsw"], "--run", run])
     rows = {"hnsw": {"fit": fit}}
     for name, head in heads.items():
@@ -259,7 +260,8 @@ def main() -> None:
             ap.error(f"{missing[0]} is missing: run `python bench/scale.py --size {a.size}` on {run} first")
         found = {"ivf_sweep": ivf_tradeoff(run)} if a.ivf_sweep else compare_indexes(run)
         text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"),
-                           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **found}, indent=2, default=str)
+                           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **found},
+                          indent=2, default=str)
         if a.out:
             a.out.write_text(text + "\n")
         print(text)

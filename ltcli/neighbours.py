@@ -157,7 +157,8 @@ def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def tune_knob(search: Callable[[np.ndarray, int, int], np.ndarray], kind: str, queries: np.ndarray,
-              truth: np.ndarray, limit: int, k: int, rows: int, target: float = TARGET_RECALL) -> tuple[int, int, float]:
+              truth: np.ndarray, limit: int, k: int, rows: int,
+              target: float = TARGET_RECALL) -> tuple[int, int, float]:
     """(knob, depth, recall): the smallest knob value (of KNOBS[kind], at most `limit`) whose
     search(queries, knob, depth) -> ids reaches `target` recall against `truth`, at the default
     re-rank depth; where even the largest knob does not (codes too coarse to rank the true

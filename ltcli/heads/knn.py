@@ -12,7 +12,8 @@ the query to their mean (so top-5 is a similarity ranking, not a tie-break).
 The train features are not copied into the head: it refers to the train cache by path and
 content checksum (rows_sha256) and searches it in chunks (index='flat': exact), or keeps an
 approximate index (index='ivf' | 'hnsw', `ltcli.neighbours`, FAISS's own serialisation checked by
-sha256) whose candidates are re-ranked exactly against the cache. A FeatureSet that is no file (the Python API) is kept in the head."""
+sha256) whose candidates are re-ranked exactly against the cache. A FeatureSet that is no file
+(the Python API) is kept in the head."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class KNNHead(Head):
             self.bank = half if torch.equal(half.to(torch.float32), bank) else bank
         self._source = feats
         self.index_bytes, self.index_sha, self.knob, self.recall = None, None, 0, None
-        self.depth = neighbours.default_depth(self.options["k"])
+        self.depth = neighbours.default_depth(min(self.options["k"], len(self.bank_labels)))
         if self.options["index"] != "flat":
             self._build_index(train)
         self._index = None
@@ -127,8 +128,8 @@ class KNNHead(Head):
         data, self.index_sha = neighbours.serialize(index)
         self.index_bytes = torch.from_numpy(data.copy())
         deeper = "" if self.depth == neighbours.default_depth(k) else f", {self.depth} candidates re-ranked"
-        self.fit_note = (f"{kind} index ({what} {self.knob}{deeper}): recall@{k} {self.recall:.3f} against exact search "
-                         f"on {len(queries)} class-balanced train queries (each without itself), {speedup:.1f}x "
+        self.fit_note = (f"{kind} index ({what} {self.knob}{deeper}): recall@{k} {self.recall:.3f} against exact "
+                         f"search on {len(queries)} class-balanced train queries (each without itself), {speedup:.1f}x "
                          "faster than exact search on them")
 
     def _balanced_rows(self, rng: np.random.Generator, count: int) -> np.ndarray:
