@@ -37,3 +37,44 @@ def test_scale_features_have_a_low_intrinsic_dimension():
         x = scale.Generator(200, seed=0, local=local).draw(y).numpy()
         ids[local] = twonn(prepared(x), 2000, np.random.default_rng(0))
     assert ids[scale.LOCAL] < 40 < ids[scale.R], ids
+
+
+@pytest.mark.parametrize("dim", [4, 12])
+def test_query_lid_finds_the_dimension_of_a_flat_manifold(dim):
+    """Test queries drawn like the train rows, Gaussian in a `dim`-dimensional subspace of R^64:
+    centred and normalised (the kNN head's cosine) they lie on a sphere of dimension dim - 1."""
+    from intrinsic_dim import prepared, query_lid
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((64, dim)))[0]
+    train, test = (rng.standard_normal((n, dim)) @ basis.T + 5.0 for n in (20_000, 500))
+    mean = train.mean(0)
+    est = float(np.median(query_lid(prepared(train, mean), prepared(test, mean))))
+    assert abs(est - (dim - 1)) < 0.15 * (dim - 1) + 0.5, est
+
+
+def test_lists_needed_is_the_fewest_lists_reaching_the_recall():
+    from intrinsic_dim import lists_needed
+
+    ranks = np.array([[0, 1], [2, 3]])  # visiting p lists finds the neighbours ranked below p
+    assert lists_needed(ranks, 4, target=0.5) == 2 and np.mean(ranks < 2) == 0.5
+    assert lists_needed(ranks, 4, target=0.95) == 4 and lists_needed(ranks, 4, target=0.75) == 3
+
+
+def test_an_inverted_file_needs_fewer_lists_where_features_cluster():
+    """Queries among tight clusters find their neighbours in a few lists; among isotropic noise of
+    the same dimension, in many. Every neighbour is in some list (visiting all finds all)."""
+    from intrinsic_dim import list_ranks, lists_needed, prepared
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((100, 64))
+    which = rng.integers(100, size=8_500)
+    clustered = centres[which] + 0.1 * rng.standard_normal((8_500, 64))
+    noise = rng.standard_normal((8_500, 64))
+    share = {}
+    for name, x in (("clustered", clustered), ("noise", noise)):
+        bank, queries = prepared(x[:8_000], x[:8_000].mean(0)), prepared(x[8_000:], x[:8_000].mean(0))
+        ranks, nlist = list_ranks(bank, queries)
+        assert ranks.shape == (500, 10) and ranks.min() >= 0 and ranks.max() < nlist
+        share[name] = lists_needed(ranks, nlist) / nlist
+    assert share["clustered"] < 0.1 < 0.3 < share["noise"], share

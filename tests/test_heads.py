@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -464,10 +465,20 @@ def test_knn_indexes_agree_with_exact_search(index, tmp_path):
     exact = build_head("knn").fit(fs).logits(q)
     head = build_head("knn", index=index).fit(fs)
     assert head.recall >= 0.95 and "recall@10" in head.fit_note
+    # the note says how the index compares with exact search, and advises flat when it is slower
+    pace = re.search(r"([0-9.]+)x (faster|slower) than exact search", head.fit_note)
+    assert pace and (pace[2] == "slower") == ("--index flat (the default) is the better choice" in head.fit_note)
     got = head.logits(q)
     assert (got.argmax(1) == exact.argmax(1)).float().mean() >= 0.9
     save_head(head, tmp_path / "k.pt", {})
     assert torch.equal(load_head(tmp_path / "k.pt")[0].logits(q), got)
+    # the tie-break's class means are kept at float16 (half the head at iNat size); a head that
+    # holds them as float32 (ltcli before this) loads and scores the same
+    blob = torch.load(tmp_path / "k.pt", weights_only=True)
+    assert blob["state"]["class_means"].dtype == torch.float16
+    blob["state"]["class_means"] = blob["state"]["class_means"].float()
+    torch.save(blob, tmp_path / "old.pt")
+    assert torch.equal(load_head(tmp_path / "old.pt")[0].logits(q), got)
 
 
 @pytest.mark.parametrize("n,d,metric", [(10, 30, "cosine"), (300, 30, "euclidean"), (3000, 64, "cosine")])
