@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ltcli.cache import read_features  # noqa: E402
+from ltcli.cache import read_features
 
 
 def prepared(x: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
@@ -64,7 +64,7 @@ def query_lid(bank: np.ndarray, queries: np.ndarray, k: int = 100) -> np.ndarray
     r the chordal distance)."""
     import faiss
 
-    sims, _ = faiss.knn(queries, bank, k, metric=faiss.METRIC_INNER_PRODUCT)
+    sims, _ = faiss.knn(queries, bank, min(k, len(bank)), metric=faiss.METRIC_INNER_PRODUCT)
     r = np.sqrt(np.maximum(2.0 - 2.0 * sims, 1e-12))
     return -1.0 / np.mean(np.log(r[:, :-1] / r[:, -1:]), axis=1)
 
@@ -119,10 +119,11 @@ def _rows(path: Path, rows: int, rng: np.random.Generator) -> tuple[np.ndarray, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("caches", nargs="+", type=Path)
-    ap.add_argument("--rows", type=int, default=100_000, help="rows read from each cache (a random sample)")
+    ap.add_argument("--rows", type=int, help="rows read from each cache (a random sample; default 100,000, and "
+                    "all of the train cache with --test)")
     ap.add_argument("--queries", type=int, default=2000)
-    ap.add_argument("--test", type=Path, help="a test cache: how hard its rows are as queries against the (one) "
-                    "train cache given, which is then read whole unless --rows is smaller")
+    ap.add_argument("--test", type=Path, help="a test cache: how hard --queries of its rows are as queries against "
+                    "the (one) train cache given")
     ap.add_argument("--beside-generator", action="store_true",
                     help="with --test: the same for bench/scale.py's generator, drawn with the same class counts")
     a = ap.parse_args()
@@ -130,13 +131,12 @@ def main() -> None:
         if len(a.caches) != 1:
             ap.error("--test takes exactly one train cache")
         rng = np.random.default_rng(0)
-        train, train_y = _rows(a.caches[0], a.rows, rng)
+        train, train_y = _rows(a.caches[0], a.rows or sys.maxsize, rng)
         test, test_y = _rows(a.test, a.queries, rng)
         mean = train.mean(0)
         print(hardness(str(a.caches[0]), prepared(train, mean), prepared(test, mean)), flush=True)
         if a.beside_generator:
             import torch
-
             from scale import Generator
 
             g = Generator(int(max(train_y.max(), test_y.max())) + 1, seed=0)
@@ -148,7 +148,7 @@ def main() -> None:
         return
     for path in a.caches:
         rng = np.random.default_rng(0)
-        x = prepared(_rows(path, a.rows, rng)[0])
+        x = prepared(_rows(path, a.rows or 100_000, rng)[0])
         sizes = sorted({max(3, len(x) // 4), max(3, len(x) // 2), len(x)})
         found = ", ".join(f"{m:,} rows {twonn(x[:m], a.queries, rng):.1f}" for m in sizes)
         print(f"{path}: D = {x.shape[1]}, TwoNN ID: {found}")

@@ -77,4 +77,24 @@ def test_an_inverted_file_needs_fewer_lists_where_features_cluster():
         ranks, nlist = list_ranks(bank, queries)
         assert ranks.shape == (500, 10) and ranks.min() >= 0 and ranks.max() < nlist
         share[name] = lists_needed(ranks, nlist) / nlist
-    assert share["clustered"] < 0.1 < 0.3 < share["noise"], share
+    assert share["clustered"] < 0.1 and share["noise"] > 0.3, share
+
+
+def test_intrinsic_dim_reports_query_hardness_beside_the_generator(tiny_pipeline):
+    """The command as RESULTS.md runs it: one line for the cache, one for the generator drawn
+    with its class counts; a second train cache beside --test is refused."""
+    import subprocess
+
+    feats = tiny_pipeline / "features"
+    tool = [sys.executable, str(BENCH / "intrinsic_dim.py")]
+    out = subprocess.run([*tool, feats / "train.h5", "--test", feats / "test.h5", "--beside-generator"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("bench/scale.py's generator"), out.stdout
+    for line in lines:
+        share = float(line.rsplit("(", 1)[1].split("%")[0])
+        assert "query LID (k 100) median" in line and 0 < share <= 100, line
+    bad = subprocess.run([*tool, feats / "train.h5", feats / "val.h5", "--test", feats / "test.h5"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--test takes exactly one train cache" in bad.stderr
