@@ -1,7 +1,10 @@
 """Nearest-neighbour search over the train features, at any scale (FAISS).
 
 - exact: every query against every bank row, the bank streamed in chunks (from the memory-
-  mapped cache), the k best kept in a heap; memory is one chunk, whatever N is.
+  mapped cache), the k best kept in a heap; memory is one chunk, whatever N is. For cosine, on a
+  CPU that multiplies bfloat16 natively, a chunk is first scored in bfloat16 (about 2.5x the
+  float32 rate) and only the rows that could still enter a query's k best (within the products'
+  proven rounding error of its k-th best so far) are scored in float32: still exact.
 - ivf: an inverted file of product-quantised codes (FAISS IVF-PQ, 4-bit "fast scan": k-means
   centroids split the bank into lists, each row kept as D/8 bytes of codes). A query visits its
   `nprobe` nearest lists, scores their codes with SIMD table lookups (far cheaper than a dot
@@ -15,11 +18,15 @@ own serialisation and checked by sha256."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import re
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
 from .errors import LtcliError
 from .faiss_index import _faiss
@@ -37,24 +44,112 @@ def _metric(metric: str):
     return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
 
 
+# None: prune with bfloat16 products where they pay: the CPU has them natively and D >= PRUNE_MIN_DIM
+# (below it, finding the few rows to rescore costs more than the faster products save; measured by
+# bench/exact_search.py); tests force True / False
+PRUNE_WITH_BF16: bool | None = None
+PRUNE_MIN_DIM = 1024
+PRUNE_ROWS = 4096  # queries scored against a chunk at a time (4,096 x 8,192 bfloat16 scores: 64 MiB)
+
+
 def exact_search(queries: np.ndarray, chunks: Chunks, k: int, metric: str,
                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, ids) of the k best bank rows per query; inner products (cosine) or squared
     distances (euclidean); ids -1 where the bank holds fewer than k rows."""
     faiss = _faiss()
     heap = faiss.ResultHeap(queries.shape[0], k, keep_max=metric == "cosine")
+    auto = queries.shape[1] >= PRUNE_MIN_DIM and _bf16_products_pay()
+    prune = metric == "cosine" and queries.shape[0] > 0 and (auto if PRUNE_WITH_BF16 is None else PRUNE_WITH_BF16)
+    queries16 = torch.from_numpy(queries).bfloat16() if prune else None
+    query_norm = float(torch.linalg.vector_norm(torch.from_numpy(queries), dim=1).max()) if prune else 0.0
     for start, xb in chunks():
-        kk = min(k, xb.shape[0])
-        d, i = faiss.knn(queries, xb, kk, metric=_metric(metric))
-        if kk < k:  # pad a short chunk: the heap wants k columns
-            fill = -np.inf if metric == "cosine" else np.inf
-            d = np.pad(d, ((0, 0), (0, k - kk)), constant_values=fill)
-            i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
-        heap.add_result(np.ascontiguousarray(d, dtype=np.float32), np.where(i >= 0, i + start, -1).astype(np.int64))
+        # a heap starts filled with -FLT_MAX; once full, its root is the query's k-th best so far
+        if prune and bool((heap.D[:, 0] > np.finfo(np.float32).min).all()):
+            _add_pruned(heap, queries, queries16, query_norm, xb, start)
+        else:
+            _add_chunk(heap, queries, None, xb, start, k, metric)
         if progress is not None:
             progress(start + xb.shape[0])
     heap.finalize()
     return heap.D, heap.I
+
+
+def _add_chunk(heap, queries: np.ndarray, subset: np.ndarray | None, xb: np.ndarray, start: int, k: int,
+               metric: str) -> None:
+    """The k best rows of one chunk for queries[subset] (None: all), scored in float32, into their heaps."""
+    kk = min(k, xb.shape[0])
+    q = queries if subset is None else np.ascontiguousarray(queries[subset])
+    d, i = _faiss().knn(q, xb, kk, metric=_metric(metric))
+    if kk < k:  # pad a short chunk: the heap wants k columns
+        fill = -np.inf if metric == "cosine" else np.inf
+        d = np.pad(d, ((0, 0), (0, k - kk)), constant_values=fill)
+        i = np.pad(i, ((0, 0), (0, k - kk)), constant_values=-1)
+    d, i = np.ascontiguousarray(d, dtype=np.float32), np.where(i >= 0, i + start, -1).astype(np.int64)
+    if subset is None:
+        heap.add_result(d, i)
+    else:
+        heap.add_result_subset(subset, d, i)
+
+
+def bf16_error(d: int) -> float:
+    """Bound on |bfloat16 product - float32 product| of two vectors of norm <= 1 in d dimensions:
+    each factor rounded to 8 significant bits (relative error u = 2^-8 each), the result rounded
+    to bfloat16 (u again), float32 sums of d terms in both (d 2^-24 each); every term scales with
+    sum |q_i x_i| <= |q| |x| <= 1. A little margin for norms of 1 + float32 rounding."""
+    return 1.01 * (3 * 2.0**-8 + 2 * d * 2.0**-24)
+
+
+def _add_pruned(heap, queries: np.ndarray, queries16: torch.Tensor, query_norm: float, xb: np.ndarray,
+                start: int) -> None:
+    """One chunk into full heaps: scored in bfloat16, then only the rows whose bfloat16 score is
+    within the proven error of a query's k-th best so far are scored in float32 (a row further
+    below cannot beat it: its float32 score is at most its bfloat16 score plus the error)."""
+    faiss = _faiss()
+    if xb.shape[0] == 0:
+        return
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    chunk16 = torch.from_numpy(xb).bfloat16()
+    norms = float(torch.linalg.vector_norm(torch.from_numpy(xb), dim=1).max()) * query_norm
+    slack = bf16_error(xb.shape[1]) * max(norms, 1.0)
+    for s in range(0, queries.shape[0], PRUNE_ROWS):
+        e = min(s + PRUNE_ROWS, queries.shape[0])
+        below = torch.from_numpy(heap.D[s:e, :1] - np.float32(slack))
+        mask = (queries16[s:e] @ chunk16.T) > below  # rows that may still enter the k best
+        q_row, x_row = mask.nonzero(as_tuple=True)  # row-major: grouped by query, in order
+        if len(q_row) == 0:
+            continue
+        counts = torch.bincount(q_row, minlength=e - s)
+        width = int(counts.max())
+        if width > max(64, xb.shape[0] // 8):  # near-ties everywhere: scoring all in float32 is cheaper
+            _add_chunk(heap, queries, np.arange(s, e), xb, start, heap.k, "cosine")
+            continue
+        place = torch.arange(len(q_row)) - (torch.cumsum(counts, 0) - counts)[q_row]
+        ids = torch.zeros((e - s, width), dtype=torch.int64)
+        ids[q_row, place] = x_row
+        got = torch.zeros((e - s, width), dtype=torch.bool)
+        got[q_row, place] = True
+        ids_np, scores = ids.numpy(), np.empty((e - s, width), dtype=np.float32)
+        q = np.ascontiguousarray(queries[s:e])
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(scores), faiss.swig_ptr(q), faiss.swig_ptr(xb),
+                                         faiss.swig_ptr(ids_np), q.shape[1], e - s, width)
+        valid = got.numpy()
+        heap.add_result_subset(np.arange(s, e), np.where(valid, scores, -np.inf).astype(np.float32),
+                               np.where(valid, ids_np + start, -1))
+
+
+@functools.cache
+def _bf16_products_pay() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, from /proc/cpuinfo) and
+    torch sums the products in float32, as bf16_error assumes: 1,024 products of 2^-10 sum to
+    exactly 1 in float32, and stall at 0.5 in bfloat16."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    if not re.search(r"\b(avx512_bf16|amx_bf16)\b", flags):
+        return False
+    probe = torch.full((1, 1024), 2.0**-5, dtype=torch.bfloat16)
+    return float(probe @ probe.T) == 1.0
 
 
 def ivf_lists(n: int, sample_rows: int, nlist: int | None = None) -> int:

@@ -519,6 +519,63 @@ def test_ivf_head_of_an_earlier_version_asks_for_a_refit(tmp_path):
         load_head(tmp_path / "old.pt")
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["gaussian", "clustered", "near-ties", "k-over-a-chunk", "bank-under-k"])
+def test_bf16_pruned_exact_search_finds_what_float32_finds(case, monkeypatch):
+    """Exact search that scores chunks in bfloat16 first and rescores only the rows within the
+    proven error of each query's k-th best must return the float32 search's neighbours and
+    scores: on plain features, on clustered ones (many rows near the k-th best), on near-ties
+    everywhere (the all-float32 fallback), with k above a chunk's rows, and with fewer rows than k."""
+    rng = np.random.default_rng(0)
+    d, n, k, step = 64, 6000, 10, 1000
+    if case == "gaussian":
+        bank, q = _unit(rng.standard_normal((n, d))), _unit(rng.standard_normal((300, d)))
+    elif case == "clustered":
+        centres = rng.standard_normal((20, d))
+        bank = _unit(centres[rng.integers(20, size=n)] + 0.2 * rng.standard_normal((n, d)))
+        q = _unit(centres[rng.integers(20, size=300)] + 0.2 * rng.standard_normal((300, d)))
+    elif case == "near-ties":  # every row nearly the same direction: all within the error of each other
+        bank = _unit(1.0 + 1e-3 * rng.standard_normal((n, d)))
+        q = _unit(1.0 + 1e-3 * rng.standard_normal((300, d)))
+    elif case == "k-over-a-chunk":
+        bank, q, k = _unit(rng.standard_normal((n, d))), _unit(rng.standard_normal((50, d))), 1500
+    else:
+        bank, q, k = _unit(rng.standard_normal((7, d))), _unit(rng.standard_normal((50, d))), 10
+
+    def chunks():
+        for s in range(0, len(bank), step):
+            yield s, bank[s : s + step]
+
+    found = {}
+    for prune in (False, True):
+        monkeypatch.setattr(neighbours, "PRUNE_WITH_BF16", prune)
+        found[prune] = neighbours.exact_search(q, chunks, k, "cosine")
+    (d32, i32), (d16, i16) = found[False], found[True]
+    if case == "bank-under-k":
+        assert (i16[:, 7:] == -1).all() and (i32[:, 7:] == -1).all()
+    np.testing.assert_allclose(d16, d32, atol=1e-6)
+    if case != "near-ties":  # (where scores tie to the last bit, which tied row comes first is free)
+        assert np.array_equal(np.sort(i16, 1), np.sort(i32, 1))
+
+
+def test_bf16_error_bounds_the_bfloat16_products():
+    """The bound pruning relies on holds for random unit vectors, for vectors whose mass sits in
+    a few coordinates (the worst rounding) and for long sums of equal terms."""
+    rng = np.random.default_rng(0)
+    for d in (64, 2048):
+        spiky = np.zeros((64, d))
+        spiky[np.arange(64), rng.integers(d, size=64)] = 1.0 + rng.random(64) * 2.0**-7
+        for x in (_unit(rng.standard_normal((256, d))), _unit(np.abs(rng.standard_normal((256, d)))),
+                  _unit(spiky + 1e-3 * rng.standard_normal((64, d))), _unit(np.ones((4, d)))):
+            exact = x.astype(np.float64) @ x.T.astype(np.float64)
+            t = torch.from_numpy(x).bfloat16()
+            approx = (t @ t.T).double().numpy()
+            assert np.abs(approx - exact).max() <= neighbours.bf16_error(d)
+
+
 def test_knn_head_refers_to_the_train_cache(tiny_pipeline, tmp_path):
     from conftest import check_ok, copy_run, run_cli
 
