@@ -5,7 +5,8 @@ within the products' proven rounding error of a query's k-th best so far; both r
 neighbours. This bench measures where pruning pays, which sets `neighbours.PRUNE_MIN_DIM`: at
 each D, a bank of 6 x 2^24 / D unit rows (six of the search's 2^24-element chunks: as many
 float32 products at every D) near a 32-d subspace, 2,000 queries, k = 10, both searches timed
-in this process (best of `--repeat`), their neighbours compared.
+in this process (best of `--repeat`), their neighbours compared; and, first, the matrix-product
+rate in float32 and in bfloat16.
 
     python bench/exact_search.py [--dims 128,256,512,1024,2048] [--repeat 3] [--out FILE.json]
 """
@@ -33,9 +34,27 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def compare(d: int, queries: int = 2000, k: int = 10, repeat: int = 3, seed: int = 0) -> dict:
+def product_rates(m: int = 4096, d: int = 2048, n: int = 32768, repeat: int = 3) -> dict:
+    """GFLOP/s of one m x d by d x n matrix product in float32 and in bfloat16 (torch, best of `repeat`)."""
+    import torch
+
+    rates = {}
+    a, b = torch.randn(m, d), torch.randn(d, n)
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y  # warm-up
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - t0)
+        rates[name] = round(2 * m * d * n / min(times) / 1e9, 1)
+    return rates
+
+
+def compare(d: int, queries: int = 2000, k: int = 10, repeat: int = 3, seed: int = 0, chunk: int = CHUNK) -> dict:
     rng = np.random.default_rng(seed)
-    n, step = 6 * CHUNK // d, CHUNK // d
+    n, step = 6 * chunk // d, chunk // d
     basis = rng.standard_normal((32, d))
     bank = unit(rng.standard_normal((n, 32)) @ basis + 0.5 * rng.standard_normal((n, d)))
     q = unit(rng.standard_normal((queries, 32)) @ basis + 0.5 * rng.standard_normal((queries, d)))
@@ -65,7 +84,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
-    print(f"bfloat16 products native here: {neighbours._bf16_products_pay()}", file=sys.stderr)
+    rates = product_rates()
+    print(f"bfloat16 products native here: {neighbours._bf16_products_pay()}; a 4,096 x 2,048 x 32,768 "
+          f"product: float32 {rates['float32']} GFLOP/s, bfloat16 {rates['bfloat16']} GFLOP/s", file=sys.stderr)
     rows = []
     for d in (int(x) for x in a.dims.split(",")):
         rows.append(compare(d, repeat=a.repeat))
@@ -73,7 +94,8 @@ def main() -> None:
         print(f"D {d:5d}: {r['bank_rows']:,} rows, float32 {r['float32_s']:.2f} s, pruned {r['pruned_s']:.2f} s "
               f"({r['speedup']:.2f}x), same neighbours {r['same_neighbours']:.4f}", file=sys.stderr)
     text = json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                       "bf16_native": neighbours._bf16_products_pay(), "results": rows}, indent=2)
+                       "bf16_native": neighbours._bf16_products_pay(), "product_gflops": rates, "results": rows},
+                      indent=2)
     if a.out:
         a.out.write_text(text + "\n")
     print(text)

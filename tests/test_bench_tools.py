@@ -98,3 +98,15 @@ def test_intrinsic_dim_reports_query_hardness_beside_the_generator(tiny_pipeline
     bad = subprocess.run([*tool, feats / "train.h5", feats / "val.h5", "--test", feats / "test.h5"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--test takes exactly one train cache" in bad.stderr
+
+
+def test_exact_search_bench_compares_both_searches():
+    """bench/exact_search.py times float32 and pruned search on the same bank and reports that
+    they found the same neighbours (here on a small bank: 6 chunks of 2^16 elements)."""
+    from exact_search import compare
+
+    from ltcli import neighbours
+
+    row = compare(64, queries=200, repeat=1, chunk=1 << 16)
+    assert row["bank_rows"] == 6 * 1024 and row["same_neighbours"] == 1.0 and row["max_score_diff"] < 1e-5
+    assert row["float32_s"] > 0 and row["pruned_s"] > 0 and neighbours.PRUNE_WITH_BF16 is None
