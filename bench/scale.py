@@ -21,7 +21,8 @@ matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
     10 at ImageNet-LT, 1 at iNat, where one epoch is ~5 minutes on 2 cores), --out FILE.json,
     --only WORDS (rerun only the commands containing one of the comma-separated words, e.g.
     `eval,ivf`, taking the others' figures from --out's earlier results: a bench resumed after
-    a code change says so in its JSON, "rerun_only"), --ivf-sweep (after a run: the ivf kNN
+    a code change says so in its JSON: "rerun_only" lists each rerun, dated, after the earlier
+    ones), --ivf-sweep (after a run: the ivf kNN
     head's recall and speed-up over exact search at nprobe 16 ... 1,024, on 2,000 test queries),
     --compare-indexes (after a run: an hnsw kNN head fitted and evaluated beside the flat and ivf
     ones, each command's seconds and peak RSS, head sizes and test accuracy)
@@ -266,11 +267,14 @@ def main() -> None:
             a.out.write_text(text + "\n")
         print(text)
         return
-    earlier = {}
+    earlier, reruns = {}, []
     if a.only:
         if not (a.out and a.out.exists()):
             ap.error("--only needs --out FILE.json holding the earlier results")
-        earlier = {r["command"]: r for r in json.loads(a.out.read_text())["commands"]}
+        before = json.loads(a.out.read_text())
+        earlier = {r["command"]: r for r in before["commands"]}
+        reruns = before.get("rerun_only") or []
+        reruns = [reruns] if isinstance(reruns, str) else list(reruns)
     rerun = [w for w in (a.only or "").split(",") if w]
     run = a.workdir or Path(f"/tmp/ltcli-scale-{a.size}")
     epochs = a.epochs or (10 if a.size == "imagenet-lt" else 1)
@@ -322,7 +326,9 @@ def main() -> None:
         "size": a.size, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__, "train_rows": int(train_bytes // (2 * D)), "dim": D,
         "train_fp16_bytes": train_bytes, "ceiling_bytes": ceiling, "cache_seconds": round(made, 1),
-        "crt_lws_epochs": epochs, "rerun_only": rerun or None, "commands": results, "bare_products_s": round(bare, 1), "knn_ivf": knn,
+        "crt_lws_epochs": epochs,
+        "rerun_only": (reruns + [f"{time.strftime('%Y-%m-%d')}: {','.join(rerun)}"]) if rerun else None,
+        "commands": results, "bare_products_s": round(bare, 1), "knn_ivf": knn,
         "knn_head_bytes": head.stat().st_size if head.exists() else None,
         "train_cache_bytes": (run / "features" / "train.h5").stat().st_size,
         "eval": json.loads((run / "reports" / "eval-test.json").read_text())["heads"] if (run / "reports" / "eval-test.json").exists() else None,
