@@ -139,9 +139,12 @@ def _add_pruned(heap, queries: np.ndarray, queries16: torch.Tensor, query_norm: 
 
 @functools.cache
 def _bf16_products_pay() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, from /proc/cpuinfo) and
-    torch sums the products in float32, as bf16_error assumes: 1,024 products of 2^-10 sum to
-    exactly 1 in float32, and stall at 0.5 in bfloat16."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX, from /proc/cpuinfo), torch
+    reaches it (through oneDNN; without it bfloat16 products take a slow generic loop) and sums
+    the products in float32, as bf16_error assumes: 1,024 products of 2^-10 sum to exactly 1 in
+    float32, and stall at 0.5 in bfloat16."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
