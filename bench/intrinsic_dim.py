@@ -59,35 +59,40 @@ def twonn(bank: np.ndarray, queries: int, rng: np.random.Generator) -> float:
     return float(len(mu) / np.log(mu).sum())
 
 
-def query_lid(bank: np.ndarray, queries: np.ndarray, k: int = 100) -> np.ndarray:
-    """Each query's LID: -1 / mean(log(r_i / r_k)) over its k nearest bank rows (prepared rows;
-    r the chordal distance)."""
+def nearest(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner products, ids) of each query's k nearest bank rows (prepared rows), exact."""
     import faiss
 
-    sims, _ = faiss.knn(queries, bank, min(k, len(bank)), metric=faiss.METRIC_INNER_PRODUCT)
+    return faiss.knn(queries, bank, min(k, len(bank)), metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def query_lid(sims: np.ndarray) -> np.ndarray:
+    """Each query's LID from the inner products with its k nearest rows (`nearest`):
+    -1 / mean(log(r_i / r_k)), r the chordal distance."""
     r = np.sqrt(np.maximum(2.0 - 2.0 * sims, 1e-12))
     return -1.0 / np.mean(np.log(r[:, :-1] / r[:, -1:]), axis=1)
 
 
-def list_ranks(bank: np.ndarray, queries: np.ndarray, k: int = 10, seed: int = 0) -> tuple[np.ndarray, int]:
-    """(ranks, nlist): for each query's k true neighbours, the rank (0 = nearest) of the list that
-    holds it among the query's lists, with the bank split as `--index ivf` splits it (4 sqrt(N)
-    k-means lists trained on a sample of 20 a list, rows assigned by inner product)."""
+def list_ranks(bank: np.ndarray, queries: np.ndarray, truth: np.ndarray, seed: int = 0) -> tuple[np.ndarray, int]:
+    """(ranks, nlist): for each of the queries' true neighbours (`truth`, ids from `nearest`), the
+    rank (0 = nearest) of the list that holds it among the query's lists, with the bank split as
+    `--index ivf` splits it (4 sqrt(N) k-means lists trained on as many rows, rows assigned by
+    inner product)."""
     import faiss
 
     from ltcli import neighbours
 
     n, d = bank.shape
-    nlist = neighbours.ivf_lists(n, max(16_384, 20 * int(4 * np.sqrt(n))))
+    size = neighbours.training_rows(n)
+    nlist = neighbours.ivf_lists(n, size)
     km = faiss.Kmeans(d, nlist, seed=seed, min_points_per_centroid=1, max_points_per_centroid=1 << 30)
-    km.train(bank[: min(n, max(16_384, 20 * nlist))])  # the bank is in random order
+    km.train(bank[:size])  # the bank is in random order
     lists = faiss.IndexFlatIP(d)
     lists.add(km.centroids)
     home = lists.search(bank, 1)[1][:, 0]
     order = lists.search(queries, nlist)[1]
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(len(order), 0), axis=1)
-    truth = faiss.knn(queries, bank, k, metric=faiss.METRIC_INNER_PRODUCT)[1]
     return np.take_along_axis(rank, home[truth], axis=1), nlist
 
 
@@ -98,11 +103,12 @@ def lists_needed(ranks: np.ndarray, nlist: int, target: float = 0.95) -> int:
 
 
 def hardness(name: str, bank: np.ndarray, queries: np.ndarray) -> str:
-    ranks, nlist = list_ranks(bank, queries)
+    sims, ids = nearest(bank, queries, 100)  # one exact search serves the LID and the 10 true neighbours
+    ranks, nlist = list_ranks(bank, queries, ids[:, :10])
     need = lists_needed(ranks, nlist)
     curve = " ".join(f"{f:.0%} {np.mean(ranks < max(1, round(f * nlist))):.3f}" for f in (0.01, 0.05, 0.2))
     return (f"{name}: {len(bank):,} train rows, {len(queries):,} test queries: query LID (k 100) median "
-            f"{np.median(query_lid(bank, queries)):.1f}; {nlist} lists: recall@10 visiting {curve}; "
+            f"{np.median(query_lid(sims)):.1f}; {nlist} lists: recall@10 visiting {curve}; "
             f"0.95 needs {need} lists ({need / nlist:.1%})")
 
 

@@ -33,6 +33,7 @@ from .faiss_index import _faiss
 
 INDEXES = ("flat", "ivf", "hnsw")
 TARGET_RECALL = 0.95
+TRAIN_SAMPLE = 16_384  # the fewest rows an approximate index is trained on (unless the bank has fewer)
 KNOBS = {"ivf": tuple(2 ** i for i in range(21)), "hnsw": (16, 32, 64, 128, 256, 512, 1024, 2048)}
 
 # (start row, prepared float32 rows) over the bank, in order
@@ -153,6 +154,12 @@ def _bf16_products_pay() -> bool:
         return False
     probe = torch.full((1, 1024), 2.0**-5, dtype=torch.bfloat16)
     return float(probe @ probe.T) == 1.0
+
+
+def training_rows(n: int) -> int:
+    """Rows of the bank an approximate index is trained on: at least TRAIN_SAMPLE (128 MiB at
+    D = 2048), and the ~20 a list that k-means wants for ~4 sqrt(N) lists."""
+    return min(n, max(TRAIN_SAMPLE, 20 * int(4 * math.sqrt(n))))
 
 
 def ivf_lists(n: int, sample_rows: int, nlist: int | None = None) -> int:

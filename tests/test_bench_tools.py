@@ -43,13 +43,13 @@ def test_scale_features_have_a_low_intrinsic_dimension():
 def test_query_lid_finds_the_dimension_of_a_flat_manifold(dim):
     """Test queries drawn like the train rows, Gaussian in a `dim`-dimensional subspace of R^64:
     centred and normalised (the kNN head's cosine) they lie on a sphere of dimension dim - 1."""
-    from intrinsic_dim import prepared, query_lid
+    from intrinsic_dim import nearest, prepared, query_lid
 
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.standard_normal((64, dim)))[0]
     train, test = (rng.standard_normal((n, dim)) @ basis.T + 5.0 for n in (20_000, 500))
     mean = train.mean(0)
-    est = float(np.median(query_lid(prepared(train, mean), prepared(test, mean))))
+    est = float(np.median(query_lid(nearest(prepared(train, mean), prepared(test, mean), 100)[0])))
     assert abs(est - (dim - 1)) < 0.15 * (dim - 1) + 0.5, est
 
 
@@ -64,7 +64,7 @@ def test_lists_needed_is_the_fewest_lists_reaching_the_recall():
 def test_an_inverted_file_needs_fewer_lists_where_features_cluster():
     """Queries among tight clusters find their neighbours in a few lists; among isotropic noise of
     the same dimension, in many. Every neighbour is in some list (visiting all finds all)."""
-    from intrinsic_dim import list_ranks, lists_needed, prepared
+    from intrinsic_dim import list_ranks, lists_needed, nearest, prepared
 
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((100, 64))
@@ -74,7 +74,7 @@ def test_an_inverted_file_needs_fewer_lists_where_features_cluster():
     share = {}
     for name, x in (("clustered", clustered), ("noise", noise)):
         bank, queries = prepared(x[:8_000], x[:8_000].mean(0)), prepared(x[8_000:], x[:8_000].mean(0))
-        ranks, nlist = list_ranks(bank, queries)
+        ranks, nlist = list_ranks(bank, queries, nearest(bank, queries, 10)[1])
         assert ranks.shape == (500, 10) and ranks.min() >= 0 and ranks.max() < nlist
         share[name] = lists_needed(ranks, nlist) / nlist
     assert share["clustered"] < 0.1 and share["noise"] > 0.3, share

@@ -33,7 +33,6 @@ from .registry import register
 RECALL_QUERIES = 500  # train rows used as queries to measure an index's recall at fit time
 VOTE_ROWS = 2048  # queries turned into class scores at a time
 QUERY_BYTES = 256 << 20  # float32 queries scored at a time (32k at D = 2048)
-TRAIN_SAMPLE = 16_384  # rows an approximate index is trained on (128 MiB at D = 2048)
 
 
 def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
@@ -100,9 +99,7 @@ class KNNHead(Head):
         kind, n, metric = self.options["index"], len(self.bank_labels), self.options["metric"]
         k = min(self.options["k"], n)
         rng = np.random.default_rng(0)
-        # k-means wants ~20 points a list; ~4 sqrt(N) lists
-        size = min(n, max(TRAIN_SAMPLE, 20 * int(4 * np.sqrt(n))))
-        sample = self._rows(np.sort(rng.choice(n, size=size, replace=False)))
+        sample = self._rows(np.sort(rng.choice(n, size=neighbours.training_rows(n), replace=False)))
         if kind == "ivf":
             nlist = neighbours.ivf_lists(n, len(sample), self.options["nlist"])
             index = self._index = neighbours.build_ivf(self._chunks, self.dim, metric, sample, nlist)
