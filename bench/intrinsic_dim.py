@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ltcli.cache import read_features
+from ltcli.faiss_index import _faiss
 
 
 def prepared(x: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
@@ -49,7 +50,7 @@ def prepared(x: np.ndarray, mean: np.ndarray | None = None) -> np.ndarray:
 
 def twonn(bank: np.ndarray, queries: int, rng: np.random.Generator) -> float:
     """TwoNN estimate over `queries` rows of `bank` (each one's own row left out)."""
-    import faiss
+    faiss = _faiss()
 
     q = bank[rng.choice(len(bank), size=min(queries, len(bank)), replace=False)]
     sims, _ = faiss.knn(q, bank, 3, metric=faiss.METRIC_INNER_PRODUCT)  # itself, then its two nearest
@@ -61,7 +62,7 @@ def twonn(bank: np.ndarray, queries: int, rng: np.random.Generator) -> float:
 
 def nearest(bank: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(inner products, ids) of each query's k nearest bank rows (prepared rows), exact."""
-    import faiss
+    faiss = _faiss()
 
     return faiss.knn(queries, bank, min(k, len(bank)), metric=faiss.METRIC_INNER_PRODUCT)
 
@@ -78,7 +79,7 @@ def list_ranks(bank: np.ndarray, queries: np.ndarray, truth: np.ndarray, seed: i
     rank (0 = nearest) of the list that holds it among the query's lists, with the bank split as
     `--index ivf` splits it (4 sqrt(N) k-means lists trained on as many rows, rows assigned by
     inner product)."""
-    import faiss
+    faiss = _faiss()
 
     from ltcli import neighbours
 

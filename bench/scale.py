@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from heads_speed import imagenet_lt_counts  # noqa: E402
 from ltcli.cache import FeatureWriter  # noqa: E402
+from ltcli.faiss_index import _faiss  # noqa: E402
 
 GIB = 1 << 30
 D = 2048
@@ -182,7 +183,7 @@ def knn_recall(run: Path, queries: int = 2000) -> dict:
 def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 512, 1024)) -> list[dict]:
     """The ivf kNN head searched at each nprobe of `knobs` (None: the head's own) on test
     queries: recall@k against exact search and the speed-up over it, both timed in this process."""
-    import faiss
+    faiss = _faiss()
 
     from ltcli import neighbours
     from ltcli.cache import read_features

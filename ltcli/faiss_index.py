@@ -5,12 +5,16 @@ classes exist only in the former and only work when it sees a GPU, hence the gua
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 from typing import Any
 
 import numpy as np
 import torch
 
 from .errors import LtcliError
+from .runtime import cpu_flags
 
 METRICS = ("cosine", "euclidean")
 # GPU flat search supports k (and nprobe) up to this value; above it we search on the CPU.
@@ -21,9 +25,38 @@ _CHUNK_BYTES = 1 << 27
 _gpu_resources: Any = None
 
 
+def openblas_core(flags: frozenset[str]) -> str | None:
+    """The OpenBLAS kernels a CPU with these flags can run: SKYLAKEX (AVX-512), HASWELL (AVX2 + FMA),
+    or None (leave OpenBLAS's own detection)."""
+    if {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "SKYLAKEX"
+    if {"avx2", "fma"} <= flags:
+        return "HASWELL"
+    return None
+
+
+@contextlib.contextmanager
+def _openblas_steered():
+    """faiss-cpu's wheels bundle an OpenBLAS whose CPU detection predates recent x86 server
+    cores: on one it does not know (this project's Emerald Rapids Xeon) it falls back to generic
+    SSE3 kernels, and FAISS's matrix products (k-means, flat and coarse-list search) run ~5x
+    slower (bench/RESULTS.md). OpenBLAS reads OPENBLAS_CORETYPE when it loads: name the kernels
+    this CPU can run, for that load only, unless the user chose them."""
+    core = None if "OPENBLAS_CORETYPE" in os.environ else openblas_core(cpu_flags())
+    if core is not None:
+        os.environ["OPENBLAS_CORETYPE"] = core
+    try:
+        yield
+    finally:
+        if core is not None:
+            os.environ.pop("OPENBLAS_CORETYPE", None)
+
+
+@functools.cache
 def _faiss():
     try:
-        import faiss
+        with _openblas_steered():
+            import faiss
     except ImportError:  # pragma: no cover - faiss is a declared dependency
         raise LtcliError("faiss is not installed: pip install faiss-cpu (or faiss-gpu)") from None
     return faiss

@@ -110,3 +110,18 @@ def test_exact_search_bench_compares_both_searches():
     row = compare(64, queries=200, repeat=1, chunk=1 << 16)
     assert row["bank_rows"] == 6 * 1024 and row["same_neighbours"] == 1.0 and row["max_score_diff"] < 1e-5
     assert row["float32_s"] > 0 and row["pruned_s"] > 0 and neighbours.PRUNE_WITH_BF16 is None
+
+
+def test_faiss_blas_bench_runs_the_same_work_bare_and_through_ltcli():
+    """bench/faiss_blas.py: both processes report their OpenBLAS kernels and timings; through
+    ltcli the kernels are those the CPU can run (where faiss bundles OpenBLAS and ltcli names them)."""
+    from faiss_blas import measure
+
+    from ltcli.faiss_index import openblas_core
+    from ltcli.runtime import cpu_flags
+
+    bare, ltcli = measure("bare", 1, queries=64, rows=1024, dim=64), measure("ltcli", 1, queries=64, rows=1024, dim=64)
+    for r in (bare, ltcli):
+        assert r["search_s"] > 0 and r["kmeans_s"] > 0 and r["search_gflops"] > 0
+    if ltcli["openblas_core"] != "unknown" and openblas_core(cpu_flags()):
+        assert ltcli["openblas_core"].upper() == openblas_core(cpu_flags())

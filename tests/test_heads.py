@@ -256,6 +256,54 @@ def test_faiss_search_chunks_and_backend():
         faiss_index.make_index(6, "manhattan")
 
 
+@pytest.mark.parametrize("flags, core", [
+    ({"sse3", "avx", "avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}, "SKYLAKEX"),
+    ({"sse3", "avx", "avx2", "fma", "avx512f"}, "HASWELL"),  # AVX-512 without BW / VL: not SkylakeX's kernels
+    ({"sse3", "avx", "avx2", "fma"}, "HASWELL"),
+    ({"sse3", "avx", "avx2"}, None),
+    (set(), None),  # no /proc/cpuinfo, or not x86 (aarch64 lists asimd ...)
+])
+def test_openblas_core_is_what_the_cpu_can_run(flags, core):
+    assert faiss_index.openblas_core(frozenset(flags)) == core
+
+
+FAISS_OPENBLAS_CORE = """
+import ctypes, os
+from ltcli.faiss_index import _faiss
+_faiss()
+assert "OPENBLAS_CORETYPE" not in os.environ  # set for faiss's load only
+libs = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line and "faiss" in line}
+core = "none"
+for lib in libs:
+    corename = ctypes.CDLL(lib).openblas_get_corename
+    corename.restype = ctypes.c_char_p
+    core = corename().decode()
+print(core)
+"""
+
+
+def test_faiss_bundled_openblas_runs_the_kernels_this_cpu_can_run():
+    """faiss-cpu's own OpenBLAS, loaded through ltcli, uses this CPU's vector kernels (its own
+    detection falls back to generic SSE3 ones on CPUs newer than it)."""
+    import subprocess
+    import sys
+
+    from ltcli.runtime import cpu_flags
+
+    expected = faiss_index.openblas_core(cpu_flags())
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_CORETYPE"}
+    core = subprocess.run([sys.executable, "-c", FAISS_OPENBLAS_CORE], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    if core == "none" or expected is None:
+        pytest.skip("no OpenBLAS bundled with faiss here, or a CPU whose kernels OpenBLAS picks itself")
+    assert core.upper() == expected
+    # a user's own choice is left alone
+    chosen = subprocess.run([sys.executable, "-c", FAISS_OPENBLAS_CORE.replace('assert "OPENBLAS_CORETYPE" not in '
+                                                                               'os.environ', "")],
+                            env={**env, "OPENBLAS_CORETYPE": "Prescott"}, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    assert chosen.upper() == "PRESCOTT"
+
 # ---- trained heads -----------------------------------------------------------------------
 def test_crt_well_separated_clusters():
     g = torch.Generator().manual_seed(0)
