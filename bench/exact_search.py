@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ltcli import neighbours
+from machine import describe
 
 CHUNK = 1 << 24  # elements per bank chunk, as the kNN head streams the cache
 
@@ -93,7 +92,7 @@ def main() -> None:
         r = rows[-1]
         print(f"D {d:5d}: {r['bank_rows']:,} rows, float32 {r['float32_s']:.2f} s, pruned {r['pruned_s']:.2f} s "
               f"({r['speedup']:.2f}x), same neighbours {r['same_neighbours']:.4f}", file=sys.stderr)
-    text = json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    text = json.dumps({"date": time.strftime("%Y-%m-%d"), "machine": describe(),
                        "bf16_native": neighbours._bf16_products_pay(), "product_gflops": rates, "results": rows},
                       indent=2)
     if a.out:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from machine import describe  # noqa: E402
 
 WORK = """
 import ctypes, json, sys, time
@@ -72,9 +74,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     bare, ltcli = measure("bare", a.repeat), measure("ltcli", a.repeat)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{cpu}, {os.cpu_count()} CPUs", "bare": bare,
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": describe(), "bare": bare,
               "ltcli": ltcli, "search_speedup": round(bare["search_s"] / ltcli["search_s"], 2),
               "kmeans_speedup": round(bare["kmeans_s"] / ltcli["kmeans_s"], 2)}
     for name, r in (("faiss bare", bare), ("through ltcli", ltcli)):

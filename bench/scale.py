@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from heads_speed import imagenet_lt_counts  # noqa: E402
 from ltcli.cache import FeatureWriter  # noqa: E402
 from ltcli.faiss_index import _faiss  # noqa: E402
+from machine import describe  # noqa: E402
 
 GIB = 1 << 30
 D = 2048
@@ -262,7 +262,7 @@ def main() -> None:
             ap.error(f"{missing[0]} is missing: run `python bench/scale.py --size {a.size}` on {run} first")
         found = {"ivf_sweep": ivf_tradeoff(run)} if a.ivf_sweep else compare_indexes(run)
         text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"),
-                           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", **found},
+                           "machine": describe(), **found},
                           indent=2, default=str)
         if a.out:
             a.out.write_text(text + "\n")
@@ -324,7 +324,7 @@ def main() -> None:
           f"({fit['crt'] / bare:.2f}x), LWS fit {fit['lws']:.1f} s ({fit['lws'] / bare:.2f}x)", file=sys.stderr)
     head = run / "heads" / "knn.pt"
     summary = {
-        "size": a.size, "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "size": a.size, "date": time.strftime("%Y-%m-%d"), "machine": describe(),
         "torch": torch.__version__, "train_rows": int(train_bytes // (2 * D)), "dim": D,
         "train_fp16_bytes": train_bytes, "ceiling_bytes": ceiling, "cache_seconds": round(made, 1),
         "crt_lws_epochs": epochs,
