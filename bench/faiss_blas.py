@@ -29,18 +29,15 @@ sys.path.insert(0, str(REPO / "bench"))
 from machine import describe  # noqa: E402
 
 WORK = """
-import ctypes, json, sys, time
+import json, sys, time
 import numpy as np
 if sys.argv[1] == "ltcli":
     from ltcli.faiss_index import _faiss
     faiss = _faiss()
 else:
     import faiss
-core = "unknown"
-for lib in {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line and "faiss" in line}:
-    name = ctypes.CDLL(lib).openblas_get_corename
-    name.restype = ctypes.c_char_p
-    core = name().decode()
+from ltcli.faiss_index import openblas_kernels  # faiss is loaded by now: this only reads its kernels
+core = openblas_kernels() or "unknown"
 repeat, queries, rows, dim = map(int, sys.argv[2:6])
 rng = np.random.default_rng(0)
 q = rng.standard_normal((queries, dim), dtype=np.float32)

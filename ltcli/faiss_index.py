@@ -6,6 +6,7 @@ classes exist only in the former and only work when it sees a GPU, hence the gua
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 from typing import Any
@@ -73,12 +74,33 @@ def num_gpus() -> int:
         return 0
 
 
+def openblas_kernels() -> str | None:
+    """The kernels faiss's own OpenBLAS runs (its core name, e.g. SkylakeX), or None where faiss
+    brings no OpenBLAS of its own (MKL builds, conda's shared one) or this is not Linux."""
+    _faiss()
+    try:
+        with open("/proc/self/maps") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line and "faiss" in line})
+    except OSError:
+        return None
+    for lib in libs:
+        try:
+            corename = ctypes.CDLL(lib).openblas_get_corename
+        except (OSError, AttributeError):
+            continue
+        corename.restype = ctypes.c_char_p
+        return corename().decode()
+    return None
+
+
 def backend_name() -> str:
-    """Which faiss backend make_index uses here, for reports."""
+    """Which faiss backend make_index uses here (and on the CPU, its OpenBLAS kernels), for reports."""
     faiss = _faiss()
     version = getattr(faiss, "__version__", "?")
     n = num_gpus()
-    return f"faiss {version} gpu ({n} GPU)" if n else f"faiss {version} cpu"
+    kernels = openblas_kernels()
+    return (f"faiss {version} gpu ({n} GPU)" if n else f"faiss {version} cpu") + (
+        f", OpenBLAS {kernels}" if kernels else "")
 
 
 def _resources():

@@ -284,6 +284,7 @@ def _reliability_fixtures(fx: dict, base: Path, run: Path) -> None:
         os.mkfifo(base / name)
     fx["fifo_png"], fx["fifo_h5"] = base / "fifo.png", base / "fifo.h5"
     fx["complete_str_h5"] = _h5_copy(feats / "train.h5", base / "complete-str.h5", complete="False")
+    fx["rows_done_newline_h5"] = _h5_copy(feats / "train.h5", base / "rows-done-newline.h5", rows_done=b"\n")
     fx["huge_h5"] = base / "huge.h5"
     with h5py.File(fx["huge_h5"], "w") as f:  # declares 2**30 x 4096 rows, stores nothing
         f.create_dataset("features", shape=(1 << 30, 4096), dtype=np.float16, chunks=(64, 4096))

@@ -267,42 +267,38 @@ def test_openblas_core_is_what_the_cpu_can_run(flags, core):
     assert faiss_index.openblas_core(frozenset(flags)) == core
 
 
-FAISS_OPENBLAS_CORE = """
-import ctypes, os
-from ltcli.faiss_index import _faiss
-_faiss()
-assert "OPENBLAS_CORETYPE" not in os.environ  # set for faiss's load only
-libs = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line and "faiss" in line}
-core = "none"
-for lib in libs:
-    corename = ctypes.CDLL(lib).openblas_get_corename
-    corename.restype = ctypes.c_char_p
-    core = corename().decode()
-print(core)
+FAISS_OPENBLAS_KERNELS = """
+import os
+from ltcli import faiss_index
+kernels = faiss_index.openblas_kernels()
+assert os.environ.get("OPENBLAS_CORETYPE") == os.environ.get("CHOSEN")  # set for faiss's load only
+print(kernels or "none")
+print(faiss_index.backend_name())
 """
 
 
 def test_faiss_bundled_openblas_runs_the_kernels_this_cpu_can_run():
     """faiss-cpu's own OpenBLAS, loaded through ltcli, uses this CPU's vector kernels (its own
-    detection falls back to generic SSE3 ones on CPUs newer than it)."""
+    detection falls back to generic SSE3 ones on CPUs newer than it); reports name them."""
+    import os
     import subprocess
     import sys
 
     from ltcli.runtime import cpu_flags
 
+    def kernels(**env) -> list[str]:
+        base = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "CHOSEN")}
+        return subprocess.run([sys.executable, "-c", FAISS_OPENBLAS_KERNELS], env={**base, **env},
+                              capture_output=True, text=True, check=True).stdout.split("\n")
+
     expected = faiss_index.openblas_core(cpu_flags())
-    env = {k: v for k, v in __import__("os").environ.items() if k != "OPENBLAS_CORETYPE"}
-    core = subprocess.run([sys.executable, "-c", FAISS_OPENBLAS_CORE], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    core, backend = kernels()[:2]
     if core == "none" or expected is None:
         pytest.skip("no OpenBLAS bundled with faiss here, or a CPU whose kernels OpenBLAS picks itself")
-    assert core.upper() == expected
+    assert core.upper() == expected and backend.endswith(f", OpenBLAS {core}")
     # a user's own choice is left alone
-    chosen = subprocess.run([sys.executable, "-c", FAISS_OPENBLAS_CORE.replace('assert "OPENBLAS_CORETYPE" not in '
-                                                                               'os.environ', "")],
-                            env={**env, "OPENBLAS_CORETYPE": "Prescott"}, capture_output=True, text=True,
-                            check=True).stdout.strip()
-    assert chosen.upper() == "PRESCOTT"
+    core, _ = kernels(OPENBLAS_CORETYPE="Prescott", CHOSEN="Prescott")[:2]
+    assert core.upper() == "PRESCOTT"
 
 # ---- trained heads -----------------------------------------------------------------------
 def test_crt_well_separated_clusters():

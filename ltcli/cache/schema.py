@@ -122,9 +122,10 @@ def plain(value: Any) -> Any:
 
 
 def short(value: Any) -> str:
-    """A value as error messages show it: long strings and lists cut."""
+    """A value as error messages show it, on one line: long strings and lists cut, control
+    characters escaped."""
     if isinstance(value, str) and len(value) > 16:
-        return value[:12] + "…"
+        return repr(value[:12])[1:-1] + "…"
     if isinstance(value, (list, tuple, np.ndarray)):
         text = json.dumps(plain(value))
         return text if len(text) <= 40 else text[:37] + "…"
@@ -223,6 +224,9 @@ def attrs_of(f, path: Path) -> dict[str, Any]:
             f"{path}: corrupt features file ({len(names)} class names but "
             f"{len(attrs['train_class_counts'])} train counts)"
         )
+    rows_done = attrs.get("rows_done", 0)
+    if isinstance(rows_done, bool) or not isinstance(rows_done, int):
+        raise LtcliError(f"{path}: corrupt features file (rows_done is {short(rows_done)}, not a row count)")
     complete = f.attrs["complete"]
     if not isinstance(complete, (bool, np.bool_)):
         raise LtcliError(f"{path}: corrupt features file (complete is {short(attrs['complete'])}, not a boolean)")
