@@ -173,7 +173,11 @@ def build_ivf(chunks: Chunks, d: int, metric: str, sample: np.ndarray, nlist: in
         cp.seed, cp.min_points_per_centroid = 0, 1
     # (faiss's Python wrappers keep the quantizer and the inner index alive beside their owner)
     index = ivf if padded == d else faiss.IndexPreTransform(faiss.RemapDimensionsTransform(d, padded, False), ivf)
-    return _filled(index, chunks, sample)
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    # the lists' centroids at float16 precision before any row is assigned: the head stores them
+    # at half size (take_centroids), and the rows' lists are those the stored centroids give
+    put_centroids(index, take_centroids(index))
+    return _filled(index, chunks, None)
 
 
 def build_hnsw(chunks: Chunks, d: int, metric: str, sample: np.ndarray):
@@ -182,11 +186,32 @@ def build_hnsw(chunks: Chunks, d: int, metric: str, sample: np.ndarray):
     return _filled(index, chunks, sample)
 
 
-def _filled(index, chunks: Chunks, sample: np.ndarray):
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+def _filled(index, chunks: Chunks, sample: np.ndarray | None):
+    """The index trained on `sample` (None: already trained), then every bank row added."""
+    if sample is not None:
+        index.train(np.ascontiguousarray(sample, dtype=np.float32))
     for _, xb in chunks():
         index.add(xb)
     return index
+
+
+def take_centroids(index) -> np.ndarray:
+    """An ivf index's list centroids as float16, taken out of it (its coarse quantiser emptied),
+    so that a head stores them at half the size FAISS's serialisation would (11 MB of float32 at
+    ImageNet-LT size); put_centroids puts them back."""
+    quantizer = _faiss().extract_index_ivf(index).quantizer
+    centroids = quantizer.reconstruct_n(0, quantizer.ntotal).astype(np.float16)
+    quantizer.reset()
+    return centroids
+
+
+def put_centroids(index, centroids: np.ndarray) -> None:
+    ivf = _faiss().extract_index_ivf(index)
+    if centroids.shape != (ivf.nlist, ivf.d):
+        raise LtcliError(f"head state: 'list_centroids' is {tuple(centroids.shape)}, the index needs "
+                         f"{ivf.nlist} x {ivf.d}")
+    ivf.quantizer.reset()
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
 
 
 def set_knob(index, value: int) -> None:

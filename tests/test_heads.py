@@ -523,6 +523,25 @@ def test_knn_indexes_agree_with_exact_search(index, tmp_path):
     blob["state"]["class_means"] = blob["state"]["class_means"].float()
     torch.save(blob, tmp_path / "old.pt")
     assert torch.equal(load_head(tmp_path / "old.pt")[0].logits(q), got)
+    if index == "ivf":
+        # the lists' centroids are stored apart, at float16, and the index without them; a head
+        # that keeps them inside its index (ltcli before this) loads and scores the same
+        state = blob["state"]
+        centroids = state["list_centroids"]
+        assert centroids.dtype == torch.float16 and centroids.shape[1] == 32
+        inner = neighbours.deserialize(state["index"].numpy(), state["index_sha256"], "test")
+        assert faiss_index._faiss().extract_index_ivf(inner).quantizer.ntotal == 0
+        neighbours.put_centroids(inner, centroids.numpy())
+        state["index"] = torch.from_numpy(neighbours.serialize(inner)[0].copy())
+        state["index_sha256"] = neighbours.serialize(inner)[1]
+        del state["list_centroids"]
+        torch.save(blob, tmp_path / "old-ivf.pt")
+        old = load_head(tmp_path / "old-ivf.pt")[0]
+        assert old.list_centroids is None and torch.equal(old.logits(q), got)
+        state["list_centroids"] = centroids[:-1]  # a damaged head: refused in one line
+        torch.save(blob, tmp_path / "bad-ivf.pt")
+        with pytest.raises(LtcliError, match="'list_centroids' is"):
+            load_head(tmp_path / "bad-ivf.pt")[0].logits(q)
 
 
 @pytest.mark.parametrize("n,d,metric", [(10, 30, "cosine"), (300, 30, "euclidean"), (3000, 64, "cosine")])

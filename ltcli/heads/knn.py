@@ -81,6 +81,7 @@ class KNNHead(Head):
             self.bank = half if torch.equal(half.to(torch.float32), bank) else bank
         self._source = feats
         self.index_bytes, self.index_sha, self.knob, self.recall = None, None, 0, None
+        self.list_centroids = None
         self.depth = neighbours.default_depth(min(self.options["k"], len(self.bank_labels)))
         if self.options["index"] != "flat":
             self._build_index(train)
@@ -124,8 +125,12 @@ class KNNHead(Head):
         t0 = time.perf_counter()
         self._search(queries, k, self.knob, self.depth)
         speedup = exact_s / max(time.perf_counter() - t0, 1e-9)
+        if kind == "ivf":  # stored apart from the index, at float16
+            self.list_centroids = neighbours.take_centroids(index)
         data, self.index_sha = neighbours.serialize(index)
         self.index_bytes = torch.from_numpy(data.copy())
+        if kind == "ivf":
+            neighbours.put_centroids(index, self.list_centroids)
         deeper = "" if self.depth == neighbours.default_depth(k) else f", {self.depth} candidates re-ranked"
         # an index pays only where the neighbours gather in a few cells; where it does not, say so
         pace = (f"{speedup:.1f}x faster than exact search on them" if speedup >= 1 else
@@ -215,7 +220,10 @@ class KNNHead(Head):
 
     def _get_index(self):
         if self.index_bytes is not None and getattr(self, "_index", None) is None:
-            self._index = neighbours.deserialize(self.index_bytes.numpy(), self.index_sha, "kNN head")
+            index = neighbours.deserialize(self.index_bytes.numpy(), self.index_sha, "kNN head")
+            if self.list_centroids is not None:  # older ivf heads keep them inside the index
+                neighbours.put_centroids(index, self.list_centroids)
+            self._index = index
         return getattr(self, "_index", None)
 
     # ---- scoring -------------------------------------------------------------------------
@@ -279,6 +287,8 @@ class KNNHead(Head):
             state.update(bank_file=self.bank_file, bank_rows_sha256=self.bank_chain)
         if self.index_bytes is not None:
             state.update(index=self.index_bytes, index_sha256=self.index_sha)
+        if self.list_centroids is not None:
+            state["list_centroids"] = torch.from_numpy(self.list_centroids)
         if self.recall is not None:
             state["recall"] = float(self.recall)
         return state
@@ -316,4 +326,9 @@ class KNNHead(Head):
             if not isinstance(state.get("index_sha256"), str):
                 raise LtcliError("head state: 'index_sha256' missing")
             self.index_bytes, self.index_sha = index, state["index_sha256"]
+        centroids = state.get("list_centroids")
+        if centroids is not None and not (isinstance(centroids, torch.Tensor) and centroids.dtype == torch.float16
+                                          and centroids.dim() == 2 and bool(torch.isfinite(centroids).all())):
+            raise LtcliError("head state: 'list_centroids' is not a finite float16 matrix")
+        self.list_centroids = None if centroids is None else centroids.numpy()
         self._index = None
