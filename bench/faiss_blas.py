@@ -49,7 +49,7 @@ for _ in range(repeat):
     km = faiss.Kmeans(dim, rows // 32, niter=5, seed=0, min_points_per_centroid=1)
     t = time.perf_counter(); km.train(x)
     best["kmeans_s"] = min(best["kmeans_s"], time.perf_counter() - t)
-print(json.dumps({"openblas_core": core, **{k: round(v, 3) for k, v in best.items()},
+print(json.dumps({"openblas_core": core, **{k: round(v, 6) for k, v in best.items()},
                   "search_gflops": round(2 * queries * rows * dim / best["search_s"] / 1e9, 1)}))
 """
 
@@ -60,8 +60,8 @@ def measure(mode: str, repeat: int, queries: int = 2000, rows: int = 8192, dim: 
     into rows / 32 lists."""
     env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
     env["PYTHONPATH"] = str(REPO)
-    out = subprocess.run([sys.executable, "-c", WORK, mode, *map(str, (repeat, queries, rows, dim))], env=env, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run([sys.executable, "-c", WORK, mode, *map(str, (repeat, queries, rows, dim))], env=env,
+                         capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

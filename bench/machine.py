@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ltcli.runtime import cpu_model  # noqa: E402
 
 
 def describe() -> str:
-    model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return f"{model or platform.processor() or 'unknown CPU'} ({platform.machine()}), {os.cpu_count()} CPUs"
+    return f"{cpu_model() or platform.processor() or 'unknown CPU'} ({platform.machine()}), {os.cpu_count()} CPUs"

@@ -120,7 +120,8 @@ def test_faiss_blas_bench_runs_the_same_work_bare_and_through_ltcli():
     from ltcli.faiss_index import openblas_core
     from ltcli.runtime import cpu_flags
 
-    bare, ltcli = measure("bare", 1, queries=64, rows=1024, dim=64), measure("ltcli", 1, queries=64, rows=1024, dim=64)
+    small = {"queries": 256, "rows": 1024, "dim": 128}
+    bare, ltcli = measure("bare", 1, **small), measure("ltcli", 1, **small)
     for r in (bare, ltcli):
         assert r["search_s"] > 0 and r["kmeans_s"] > 0 and r["search_gflops"] > 0
     if ltcli["openblas_core"] != "unknown" and openblas_core(cpu_flags()):

@@ -300,6 +300,7 @@ def test_faiss_bundled_openblas_runs_the_kernels_this_cpu_can_run():
     core, _ = kernels(OPENBLAS_CORETYPE="Prescott", CHOSEN="Prescott")[:2]
     assert core.upper() == "PRESCOTT"
 
+
 # ---- trained heads -----------------------------------------------------------------------
 def test_crt_well_separated_clusters():
     g = torch.Generator().manual_seed(0)
@@ -532,8 +533,8 @@ def test_knn_indexes_agree_with_exact_search(index, tmp_path):
         inner = neighbours.deserialize(state["index"].numpy(), state["index_sha256"], "test")
         assert faiss_index._faiss().extract_index_ivf(inner).quantizer.ntotal == 0
         neighbours.put_centroids(inner, centroids.numpy())
-        state["index"] = torch.from_numpy(neighbours.serialize(inner)[0].copy())
-        state["index_sha256"] = neighbours.serialize(inner)[1]
+        data, state["index_sha256"] = neighbours.serialize(inner)
+        state["index"] = torch.from_numpy(data.copy())
         del state["list_centroids"]
         torch.save(blob, tmp_path / "old-ivf.pt")
         old = load_head(tmp_path / "old-ivf.pt")[0]
