@@ -33,6 +33,7 @@ from .runtime import cpu_flags
 INDEXES = ("flat", "ivf", "hnsw")
 TARGET_RECALL = 0.95
 TRAIN_SAMPLE = 16_384  # the fewest rows an approximate index is trained on (unless the bank has fewer)
+REFINE_STEPS = 3  # bisections between the last power of two short of the target and the first to reach it
 KNOBS = {"ivf": tuple(2 ** i for i in range(21)), "hnsw": (16, 32, 64, 128, 256, 512, 1024, 2048)}
 
 # (start row, prepared float32 rows) over the bank, in order
@@ -290,17 +291,34 @@ def tune_knob(search: Callable[[np.ndarray, int, int], np.ndarray], kind: str, q
               target: float = TARGET_RECALL) -> tuple[int, int, float]:
     """(knob, depth, recall): the smallest knob value (of KNOBS[kind], at most `limit`) whose
     search(queries, knob, depth) -> ids reaches `target` recall against `truth`, at the default
-    re-rank depth; where even the largest knob does not (codes too coarse to rank the true
-    neighbours among the first candidates), the depth doubles until it does or covers all `rows`."""
-    recall, value, depth = 0.0, KNOBS[kind][0], default_depth(k)
+    re-rank depth, then narrowed towards the previous one by REFINE_STEPS bisections; where even
+    the largest knob does not reach it (codes too coarse to rank the true neighbours among the
+    first candidates), the depth doubles until it does or covers all `rows`."""
+    depth = default_depth(k)
+
+    def recall_of(value: int) -> float:
+        return recall_at(search(queries, value, depth), truth)
+
+    short, recall, value = None, 0.0, KNOBS[kind][0]
     for value in KNOBS[kind]:
         value = min(value, limit)
-        recall = recall_at(search(queries, value, depth), truth)
+        recall = recall_of(value)
         if recall >= target or value >= limit:
             break
+        short = value
+    # powers of two overshoot the knob the target needs by up to 2x (its search time with it)
+    for _ in range(REFINE_STEPS if recall >= target and short is not None else 0):
+        if value - short <= 1:
+            break
+        middle = (short + value) // 2
+        got = recall_of(middle)
+        if got >= target:
+            value, recall = middle, got
+        else:
+            short = middle
     while recall < target and depth < rows:
         depth = min(2 * depth, rows)
-        recall = recall_at(search(queries, value, depth), truth)
+        recall = recall_of(value)
     return value, depth, recall
 
 

@@ -568,6 +568,47 @@ def test_ivf_reaches_the_recall_target_on_unstructured_features(n, d, metric, tm
     assert torch.equal(loaded.logits(x[:200]), got)
 
 
+def test_a_lower_recall_target_buys_a_cheaper_search(tmp_path):
+    """--recall trades neighbours for speed: on the same features a lower target stops at fewer
+    lists (and re-ranks no deeper), still reaches the target it was given, and the head keeps it."""
+    from ltcli.heads import load_head, save_head
+
+    g = torch.Generator().manual_seed(0)
+    fs = make_fs(torch.randn(3000, 64, generator=g).half(), torch.randint(0, 5, (3000,), generator=g))
+    strict = build_head("knn", index="ivf").fit(fs)
+    loose = build_head("knn", index="ivf", recall=0.5).fit(fs)
+    assert loose.recall >= 0.5 and strict.recall >= 0.95
+    assert loose.knob < strict.knob and loose.depth <= strict.depth
+    save_head(loose, tmp_path / "k.pt", {})
+    assert load_head(tmp_path / "k.pt")[0].options["recall"] == 0.5
+    with pytest.raises(LtcliError, match="--recall 1.5"):
+        build_head("knn", index="ivf", recall=1.5)
+
+
+@pytest.mark.parametrize("needed,limit,expected", [(665, 4096, 704), (10, 4096, 10), (0.5, 4096, 1),
+                                                   (1.5, 4096, 2), (665, 600, 600)])
+def test_tune_knob_bisects_between_powers_of_two(needed, limit, expected):
+    """A search whose recall grows with the knob (query i finds its 10 neighbours once knob >=
+    i * needed / 95, so recall 0.95 from knob = needed): the knob is the first power of two to
+    reach 0.95, narrowed by three bisections towards the last one short of it (512 -> 1024 ->
+    768, 640, 704 for 665); reached at the first value, it stays; stopped by the limit, the
+    re-rank deepens instead (here to every row, since this search ignores the depth)."""
+    truth = np.tile(np.arange(10), (100, 1))
+    calls = []
+
+    def search(queries, knob, depth):
+        calls.append(knob)
+        found = np.full((100, 10), -1)
+        found[: min(100, int(knob * 95 / needed + 1e-9))] = np.arange(10)
+        return found
+
+    knob, depth, recall = neighbours.tune_knob(search, "ivf", np.zeros((100, 4)), truth, limit, 10, 10_000)
+    assert knob == expected
+    assert (recall >= 0.95, depth) == ((True, neighbours.default_depth(10)) if needed < limit else (False, 10_000))
+    repeats = len(calls) - len(set(calls))  # each knob searched once, but the limit's as the re-rank deepens
+    assert all(c <= limit for c in calls) and repeats == (0 if needed < limit else calls.count(limit) - 1)
+
+
 def test_ivf_head_of_an_earlier_version_asks_for_a_refit(tmp_path):
     from ltcli.heads import load_head, save_head
 

@@ -57,6 +57,9 @@ class KNNHead(Head):
                      "(D/8 bytes a row); hnsw: a graph over 8-bit codes (D bytes a row); both re-ranked exactly "
                      "against the cache", choices=neighbours.INDEXES),
         "nlist": Opt(None, int, "ivf: inverted lists (default 4 * sqrt(N))", min=1, max=1 << 20, optional=True),
+        "recall": Opt(neighbours.TARGET_RECALL, float, "ivf / hnsw: the recall@k against exact search that fit "
+                      "tunes nprobe / efSearch to reach; lower is faster and finds fewer of the true neighbours",
+                      positive=True, max=1.0),
     }
     checks_values_on_device = True  # train_mean checks NaN/inf in its pass
 
@@ -121,7 +124,8 @@ class KNNHead(Head):
         def found(q, knob, depth):
             return _without(self._search(q, min(k + 1, n), knob, depth)[1], ids, k)
 
-        self.knob, self.depth, self.recall = neighbours.tune_knob(found, kind, queries, truth, limit, k, n)
+        self.knob, self.depth, self.recall = neighbours.tune_knob(found, kind, queries, truth, limit, k, n,
+                                                                  self.options["recall"])
         t0 = time.perf_counter()
         self._search(queries, k, self.knob, self.depth)
         speedup = exact_s / max(time.perf_counter() - t0, 1e-9)
