@@ -25,7 +25,9 @@ matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
     ones), --ivf-sweep (after a run: the ivf kNN
     head's recall and speed-up over exact search at nprobe 16 ... 1,024, on 2,000 test queries),
     --compare-indexes (after a run: an hnsw kNN head fitted and evaluated beside the flat and ivf
-    ones, each command's seconds and peak RSS, head sizes and test accuracy)
+    ones, each command's seconds and peak RSS, head sizes and test accuracy), --recall-targets
+    0.9,0.95,0.98 (after a run: an ivf kNN head fitted at each `--recall` target and evaluated
+    beside the flat one: nprobe, eval seconds, test accuracy, recall on test queries)
 """
 
 from __future__ import annotations
@@ -180,16 +182,18 @@ def knn_recall(run: Path, queries: int = 2000) -> dict:
     return ivf_tradeoff(run, queries, knobs=None)[0]
 
 
-def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 512, 1024)) -> list[dict]:
-    """The ivf kNN head searched at each nprobe of `knobs` (None: the head's own) on test
-    queries: recall@k against exact search and the speed-up over it, both timed in this process."""
+def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 512, 1024),
+                 head: Path | None = None) -> list[dict]:
+    """The ivf kNN head (default heads/knn.pt) searched at each nprobe of `knobs` (None: the
+    head's own) on test queries: recall@k against exact search and the speed-up over it, both
+    timed in this process."""
     faiss = _faiss()
 
     from ltcli import neighbours
     from ltcli.cache import read_features
     from ltcli.heads import load_head
 
-    ivf, _ = load_head(run / "heads" / "knn.pt")
+    ivf, _ = load_head(head or run / "heads" / "knn.pt")
     test = read_features(run / "features" / "test.h5", mmap=True)
     q = ivf._queries(test.features[:queries], 0, "test")
     k, nlist = ivf.options["k"], int(faiss.extract_index_ivf(ivf._get_index()).nlist)
@@ -222,6 +226,18 @@ def ivf_tradeoff(run: Path, queries: int = 2000, knobs=(16, 32, 64, 128, 256, 51
     return rows
 
 
+def evaluate(run: Path, name: str, head: Path) -> dict:
+    """`ltcli eval` of one head in its own process: seconds, peak RSS, head size, test accuracy."""
+    reports = run / f"reports-compare-{name}"
+    res = run_measured(["eval", "--heads", head, "--out", reports, "--run", run])
+    test = next(iter(json.loads((reports / "eval-test.json").read_text())["heads"].values()))
+    row = {"eval": res, "head_bytes": head.stat().st_size,
+           **{k: round(test[k], 4) for k in ("overall", "many", "medium", "few")}}
+    print(f"{name:5s} eval {res['seconds']:7.1f} s  {res['peak_rss'] / GIB:5.2f} GiB  head "
+          f"{row['head_bytes'] / 1e6:7.1f} MB  top-1 {100 * test['overall']:.1f}", file=sys.stderr)
+    return row
+
+
 def compare_indexes(run: Path) -> dict:
     """The three kNN indexes side by side on a benched cache (its ivf head heads/knn.pt and flat
     head heads/knn-flat.pt): fit an hnsw head, then evaluate hnsw, flat and ivf on test, each in
@@ -231,15 +247,26 @@ def compare_indexes(run: Path) -> dict:
     fit = run_measured(["fit-head", "--method", "knn", "--index", "hnsw", "--out", heads["hnsw"], "--run", run])
     rows = {"hnsw": {"fit": fit}}
     for name, head in heads.items():
-        reports = run / f"reports-compare-{name}"
-        res = run_measured(["eval", "--heads", head, "--out", reports, "--run", run])
-        test = next(iter(json.loads((reports / "eval-test.json").read_text())["heads"].values()))
-        rows.setdefault(name, {}).update({"eval": res, "head_bytes": head.stat().st_size,
-                                          **{k: round(test[k], 4) for k in ("overall", "many", "medium", "few")}})
-        print(f"{name:5s} eval {res['seconds']:7.1f} s  {res['peak_rss'] / GIB:5.2f} GiB  head "
-              f"{rows[name]['head_bytes'] / 1e6:7.1f} MB  top-1 {100 * test['overall']:.1f}", file=sys.stderr)
+        rows.setdefault(name, {}).update(evaluate(run, name, head))
     print(f"hnsw fit {fit['seconds']:.1f} s; {' '.join(fit['stderr_tail'])}", file=sys.stderr)
     return {"train_cache_bytes": (run / "features" / "train.h5").stat().st_size, "indexes": rows}
+
+
+def recall_targets(run: Path, targets: list[float]) -> dict:
+    """ivf kNN heads fitted at each `--recall` target, each evaluated on test beside the flat head
+    (one process a command, one after the other), with its recall against exact search on 2,000
+    test queries: what a lower or higher target costs and buys."""
+    from ltcli.heads import load_head
+
+    rows = {"flat": evaluate(run, "flat", run / "heads" / "knn-flat.pt")}
+    for target in targets:
+        head = run / "heads" / f"knn-recall-{target}.pt"
+        fit = run_measured(["fit-head", "--method", "knn", "--index", "ivf", "--recall", target, "--out", head,
+                            "--run", run])
+        fitted, _ = load_head(head)
+        rows[str(target)] = {"fit": fit, "nprobe": fitted.knob, "depth": fitted.depth, "fit_recall": fitted.recall,
+                             "test": ivf_tradeoff(run, knobs=None, head=head)[0], **evaluate(run, f"r{target}", head)}
+    return {"recall_targets": rows}
 
 
 def main() -> None:
@@ -253,14 +280,17 @@ def main() -> None:
                     help="only search the existing ivf kNN head at nprobe 16..1024 (recall, speed-up) and stop")
     ap.add_argument("--compare-indexes", action="store_true",
                     help="only fit an hnsw kNN head and evaluate it beside the flat and ivf ones, and stop")
+    ap.add_argument("--recall-targets", metavar="R1,R2,...",
+                    help="only fit an ivf kNN head at each --recall target and evaluate it beside the flat one, and stop")
     a = ap.parse_args()
-    if a.ivf_sweep or a.compare_indexes:
+    if a.ivf_sweep or a.compare_indexes or a.recall_targets:
         run = a.workdir or Path(f"/tmp/ltcli-scale-{a.size}")
         needed = [run / "heads" / name for name in ("knn.pt", "knn-flat.pt")] + [run / "features" / "test.h5"]
         missing = [str(p) for p in needed if not p.exists()]
         if missing:
             ap.error(f"{missing[0]} is missing: run `python bench/scale.py --size {a.size}` on {run} first")
-        found = {"ivf_sweep": ivf_tradeoff(run)} if a.ivf_sweep else compare_indexes(run)
+        found = ({"ivf_sweep": ivf_tradeoff(run)} if a.ivf_sweep else compare_indexes(run) if a.compare_indexes
+                 else recall_targets(run, [float(t) for t in a.recall_targets.split(",")]))
         text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"),
                            "machine": describe(), **found},
                           indent=2, default=str)

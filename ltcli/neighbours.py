@@ -33,6 +33,7 @@ from .runtime import cpu_flags
 INDEXES = ("flat", "ivf", "hnsw")
 TARGET_RECALL = 0.95
 TRAIN_SAMPLE = 16_384  # the fewest rows an approximate index is trained on (unless the bank has fewer)
+CONFIDENCE_Z = 1.645  # one-sided 95 %: the fit's recall target holds for the queries' distribution, not just its sample
 REFINE_STEPS = 3  # bisections between the last power of two short of the target and the first to reach it
 KNOBS = {"ivf": tuple(2 ** i for i in range(21)), "hnsw": (16, 32, 64, 128, 256, 512, 1024, 2048)}
 
@@ -280,46 +281,62 @@ def _rerank(queries, ids, rows, k, metric):
     return best, best_ids
 
 
+def recall_hits(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Each query's fraction of its true k neighbours that were found."""
+    return np.array([len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)])
+
+
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each query's true k neighbours that were found."""
-    hits = [len(set(f[f >= 0]) & set(t[t >= 0])) / max(1, (t >= 0).sum()) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if hits else 1.0
+    hits = recall_hits(found, truth)
+    return float(hits.mean()) if len(hits) else 1.0
+
+
+def recall_bound(hits: np.ndarray) -> float:
+    """One-sided lower confidence bound (CONFIDENCE_Z standard errors) on the mean recall of
+    queries like these: a knob tuned on a sample's mean would reach the target on new queries
+    only about half the time."""
+    if len(hits) < 2:
+        return float(hits.mean()) if len(hits) else 1.0
+    return float(hits.mean() - CONFIDENCE_Z * hits.std(ddof=1) / math.sqrt(len(hits)))
 
 
 def tune_knob(search: Callable[[np.ndarray, int, int], np.ndarray], kind: str, queries: np.ndarray,
               truth: np.ndarray, limit: int, k: int, rows: int,
-              target: float = TARGET_RECALL) -> tuple[int, int, float]:
-    """(knob, depth, recall): the smallest knob value (of KNOBS[kind], at most `limit`) whose
-    search(queries, knob, depth) -> ids reaches `target` recall against `truth`, at the default
-    re-rank depth, then narrowed towards the previous one by REFINE_STEPS bisections; where even
-    the largest knob does not reach it (codes too coarse to rank the true neighbours among the
-    first candidates), the depth doubles until it does or covers all `rows`."""
+              target: float = TARGET_RECALL) -> tuple[int, int, float, float]:
+    """(knob, depth, recall, bound): the smallest knob value (of KNOBS[kind], at most `limit`)
+    whose search(queries, knob, depth) -> ids reaches `target` recall against `truth` with
+    confidence (recall_bound), at the default re-rank depth, then narrowed towards the previous
+    one by REFINE_STEPS bisections; where even the largest knob does not reach it (codes too
+    coarse to rank the true neighbours among the first candidates), the depth doubles until it
+    does or covers all `rows`. recall is the queries' mean, bound its lower confidence bound."""
     depth = default_depth(k)
 
-    def recall_of(value: int) -> float:
-        return recall_at(search(queries, value, depth), truth)
+    def measure(value: int) -> tuple[float, float]:
+        hits = recall_hits(search(queries, value, depth), truth)
+        return (float(hits.mean()) if len(hits) else 1.0), recall_bound(hits)
 
-    short, recall, value = None, 0.0, KNOBS[kind][0]
+    short, (recall, bound), value = None, (0.0, 0.0), KNOBS[kind][0]
     for value in KNOBS[kind]:
         value = min(value, limit)
-        recall = recall_of(value)
-        if recall >= target or value >= limit:
+        recall, bound = measure(value)
+        if bound >= target or value >= limit:
             break
         short = value
     # powers of two overshoot the knob the target needs by up to 2x (its search time with it)
-    for _ in range(REFINE_STEPS if recall >= target and short is not None else 0):
+    for _ in range(REFINE_STEPS if bound >= target and short is not None else 0):
         if value - short <= 1:
             break
         middle = (short + value) // 2
-        got = recall_of(middle)
-        if got >= target:
-            value, recall = middle, got
+        got = measure(middle)
+        if got[1] >= target:
+            value, (recall, bound) = middle, got
         else:
             short = middle
-    while recall < target and depth < rows:
+    while bound < target and depth < rows:
         depth = min(2 * depth, rows)
-        recall = recall_of(value)
-    return value, depth, recall
+        recall, bound = measure(value)
+    return value, depth, recall, bound
 
 
 def serialize(index) -> tuple[np.ndarray, str]:

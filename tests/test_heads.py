@@ -585,28 +585,53 @@ def test_a_lower_recall_target_buys_a_cheaper_search(tmp_path):
         build_head("knn", index="ivf", recall=1.5)
 
 
-@pytest.mark.parametrize("needed,limit,expected", [(665, 4096, 704), (10, 4096, 10), (0.5, 4096, 1),
-                                                   (1.5, 4096, 2), (665, 600, 600)])
-def test_tune_knob_bisects_between_powers_of_two(needed, limit, expected):
-    """A search whose recall grows with the knob (query i finds its 10 neighbours once knob >=
-    i * needed / 95, so recall 0.95 from knob = needed): the knob is the first power of two to
-    reach 0.95, narrowed by three bisections towards the last one short of it (512 -> 1024 ->
-    768, 640, 704 for 665); reached at the first value, it stays; stopped by the limit, the
-    re-rank deepens instead (here to every row, since this search ignores the depth)."""
-    truth = np.tile(np.arange(10), (100, 1))
+def _search_finding(share, spread: bool = False):
+    """A fake index search finding share(knob) % of the neighbours: every query the same share of
+    its 100 (spread=False), or that share of the queries all of theirs and the rest none
+    (spread=True: the same mean, far less sure)."""
     calls = []
 
     def search(queries, knob, depth):
         calls.append(knob)
-        found = np.full((100, 10), -1)
-        found[: min(100, int(knob * 95 / needed + 1e-9))] = np.arange(10)
+        found, got = np.full((100, 100), -1), min(100, int(share(knob) + 1e-9))
+        if spread:
+            found[:got] = np.arange(100)
+        else:
+            found[:, :got] = np.arange(got)
         return found
 
-    knob, depth, recall = neighbours.tune_knob(search, "ivf", np.zeros((100, 4)), truth, limit, 10, 10_000)
-    assert knob == expected
+    return search, calls
+
+
+@pytest.mark.parametrize("needed,limit,expected", [(665, 4096, 704), (10, 4096, 10), (0.5, 4096, 1),
+                                                   (1.5, 4096, 2), (665, 600, 600)])
+def test_tune_knob_bisects_between_powers_of_two(needed, limit, expected):
+    """The knob is the first power of two to reach recall 0.95, narrowed by three bisections
+    towards the last one short of it (512 -> 1024 -> 768, 640, 704 for 665); reached at the
+    first value, it stays; stopped by the limit, the re-rank deepens instead (here to every row,
+    since this search ignores the depth)."""
+    search, calls = _search_finding(lambda knob: knob * 95 / needed)  # recall 0.95 from knob = needed
+    truth = np.tile(np.arange(100), (100, 1))
+    knob, depth, recall, bound = neighbours.tune_knob(search, "ivf", np.zeros((100, 4)), truth, limit, 10, 10_000)
+    assert knob == expected and bound == pytest.approx(recall)  # every query alike: no doubt about the mean
     assert (recall >= 0.95, depth) == ((True, neighbours.default_depth(10)) if needed < limit else (False, 10_000))
     repeats = len(calls) - len(set(calls))  # each knob searched once, but the limit's as the re-rank deepens
     assert all(c <= limit for c in calls) and repeats == (0 if needed < limit else calls.count(limit) - 1)
+
+
+def test_tune_knob_wants_the_target_with_confidence():
+    """Where queries' recalls vary, a sample's mean of 0.95 may be a population's 0.93: the knob
+    grows until the mean's lower 95 % bound reaches the target (mean 0.98 of 100 queries that
+    find all or none: 768, where every query alike reaches 0.95 at 665 -> 704)."""
+    share = lambda knob: 95 * (knob / 665) ** 0.25  # noqa: E731 - 95 % at 665, 98 % at 753
+    truth = np.tile(np.arange(100), (100, 1))
+    alike = neighbours.tune_knob(_search_finding(share)[0], "ivf", np.zeros((100, 4)), truth, 4096, 10, 10_000)
+    knob, _, recall, bound = neighbours.tune_knob(_search_finding(share, spread=True)[0], "ivf",
+                                                  np.zeros((100, 4)), truth, 4096, 10, 10_000)
+    assert alike[0] == 704 and knob == 768 and recall == 0.98 and bound >= 0.95
+    hits = (np.arange(100) < 98).astype(float)
+    assert bound == pytest.approx(hits.mean() - 1.645 * hits.std(ddof=1) / 10)
+    assert neighbours.recall_bound((np.arange(100) < 96).astype(float)) < 0.95  # why 704 (96 %) was not enough
 
 
 def test_ivf_head_of_an_earlier_version_asks_for_a_refit(tmp_path):

@@ -124,8 +124,8 @@ class KNNHead(Head):
         def found(q, knob, depth):
             return _without(self._search(q, min(k + 1, n), knob, depth)[1], ids, k)
 
-        self.knob, self.depth, self.recall = neighbours.tune_knob(found, kind, queries, truth, limit, k, n,
-                                                                  self.options["recall"])
+        self.knob, self.depth, self.recall, bound = neighbours.tune_knob(found, kind, queries, truth, limit, k, n,
+                                                                         self.options["recall"])
         t0 = time.perf_counter()
         self._search(queries, k, self.knob, self.depth)
         speedup = exact_s / max(time.perf_counter() - t0, 1e-9)
@@ -141,7 +141,8 @@ class KNNHead(Head):
                 f"{1 / speedup:.1f}x slower than exact search on them: on these features --index flat (the default) "
                 "is the better choice")
         self.fit_note = (f"{kind} index ({what} {self.knob}{deeper}): recall@{k} {self.recall:.3f} against exact "
-                         f"search on {len(queries)} class-balanced train queries (each without itself), {pace}")
+                         f"search on {len(queries)} class-balanced train queries (each without itself; at least "
+                         f"{bound:.3f} with 95% confidence), {pace}")
 
     def _balanced_rows(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """Sorted row ids: a random class (uniformly over the classes present), then one of its rows."""
