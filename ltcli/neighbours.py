@@ -288,8 +288,11 @@ def recall_hits(found: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
     """Mean fraction of each query's true k neighbours that were found."""
-    hits = recall_hits(found, truth)
-    return float(hits.mean()) if len(hits) else 1.0
+    return _mean(recall_hits(found, truth))
+
+
+def _mean(hits: np.ndarray) -> float:
+    return float(hits.mean()) if len(hits) else 1.0  # no query: nothing was missed
 
 
 def recall_bound(hits: np.ndarray) -> float:
@@ -297,7 +300,7 @@ def recall_bound(hits: np.ndarray) -> float:
     queries like these: a knob tuned on a sample's mean would reach the target on new queries
     only about half the time."""
     if len(hits) < 2:
-        return float(hits.mean()) if len(hits) else 1.0
+        return _mean(hits)
     return float(hits.mean() - CONFIDENCE_Z * hits.std(ddof=1) / math.sqrt(len(hits)))
 
 
@@ -314,7 +317,7 @@ def tune_knob(search: Callable[[np.ndarray, int, int], np.ndarray], kind: str, q
 
     def measure(value: int) -> tuple[float, float]:
         hits = recall_hits(search(queries, value, depth), truth)
-        return (float(hits.mean()) if len(hits) else 1.0), recall_bound(hits)
+        return _mean(hits), recall_bound(hits)
 
     short, (recall, bound), value = None, (0.0, 0.0), KNOBS[kind][0]
     for value in KNOBS[kind]:
