@@ -33,7 +33,9 @@ from .runtime import cpu_flags
 INDEXES = ("flat", "ivf", "hnsw")
 TARGET_RECALL = 0.95
 TRAIN_SAMPLE = 16_384  # the fewest rows an approximate index is trained on (unless the bank has fewer)
-CONFIDENCE_Z = 1.645  # one-sided 95 %: the fit's recall target holds for the queries' distribution, not just its sample
+# the fit's recall target must hold, with this confidence, for queries like its sample, not just the sample
+CONFIDENCE = 0.95
+CONFIDENCE_Z = 1.645  # CONFIDENCE's one-sided normal quantile
 REFINE_STEPS = 3  # bisections between the last power of two short of the target and the first to reach it
 KNOBS = {"ivf": tuple(2 ** i for i in range(21)), "hnsw": (16, 32, 64, 128, 256, 512, 1024, 2048)}
 

@@ -632,6 +632,9 @@ def test_tune_knob_wants_the_target_with_confidence():
     hits = (np.arange(100) < 98).astype(float)
     assert bound == pytest.approx(hits.mean() - 1.645 * hits.std(ddof=1) / 10)
     assert neighbours.recall_bound((np.arange(100) < 96).astype(float)) < 0.95  # why 704 (96 %) was not enough
+    from statistics import NormalDist  # the fit note's "95% confidence" and the bound's z are one fact
+
+    assert neighbours.CONFIDENCE_Z == pytest.approx(NormalDist().inv_cdf(neighbours.CONFIDENCE), abs=1e-3)
 
 
 def test_ivf_head_of_an_earlier_version_asks_for_a_refit(tmp_path):

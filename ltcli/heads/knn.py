@@ -142,7 +142,7 @@ class KNNHead(Head):
                 "is the better choice")
         self.fit_note = (f"{kind} index ({what} {self.knob}{deeper}): recall@{k} {self.recall:.3f} against exact "
                          f"search on {len(queries)} class-balanced train queries (each without itself; at least "
-                         f"{bound:.3f} with 95% confidence), {pace}")
+                         f"{bound:.3f} with {neighbours.CONFIDENCE:.0%} confidence), {pace}")
 
     def _balanced_rows(self, rng: np.random.Generator, count: int) -> np.ndarray:
         """Sorted row ids: a random class (uniformly over the classes present), then one of its rows."""
