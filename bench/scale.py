@@ -27,7 +27,10 @@ matrix. The memory ceiling each command must keep: that matrix plus 2 GiB.
     --compare-indexes (after a run: an hnsw kNN head fitted and evaluated beside the flat and ivf
     ones, each command's seconds and peak RSS, head sizes and test accuracy), --recall-targets
     0.9,0.95,0.98 (after a run: an ivf kNN head fitted at each `--recall` target and evaluated
-    beside the flat one: nprobe, eval seconds, test accuracy, recall on test queries)
+    beside the flat one: nprobe, eval seconds, test accuracy, recall on test queries),
+    --eval-floor (after a run: the ivf head evaluated at nprobe 1, one list a query, beside the
+    flat and ivf ones, and the process start alone: the least a kNN eval can cost here, so the
+    most any index can speed it up)
 """
 
 from __future__ import annotations
@@ -269,6 +272,29 @@ def recall_targets(run: Path, targets: list[float]) -> dict:
     return {"recall_targets": rows}
 
 
+def eval_floor(run: Path) -> dict:
+    """The least a kNN eval can cost on this machine, whatever the index and the features: the ivf
+    head searched at nprobe 1 (one list a query; the same re-rank, votes, ranks and reading),
+    evaluated beside the flat and the fitted ivf heads, each in its own process, one after the
+    other; and the process's start alone (`ltcli --help`: Python and ltcli's imports). The flat
+    eval's seconds over the floor's bound the speed-up any index can give an eval here."""
+    from ltcli.heads import load_head, save_head
+
+    head, provenance = load_head(run / "heads" / "knn.pt")
+    head.knob = 1
+    floor = run / "heads-floor" / "knn-nprobe1.pt"  # not in heads/: an eval of every head leaves it out
+    floor.parent.mkdir(exist_ok=True)
+    save_head(head, floor, provenance)
+    rows = {name: evaluate(run, name, path) for name, path in
+            (("flat", run / "heads" / "knn-flat.pt"), ("ivf", run / "heads" / "knn.pt"), ("nprobe1", floor))}
+    start = run_measured(["--help"])
+    bound = rows["flat"]["eval"]["seconds"] / rows["nprobe1"]["eval"]["seconds"]
+    print(f"process start {start['seconds']:.1f} s; the flat eval is at most {bound:.1f}x the cheapest "
+          f"search's (nprobe 1); the fitted ivf head's "
+          f"{rows['flat']['eval']['seconds'] / rows['ivf']['eval']['seconds']:.1f}x", file=sys.stderr)
+    return {"eval_floor": {**rows, "process_start": start, "flat_over_floor": round(bound, 2)}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), required=True)
@@ -282,14 +308,18 @@ def main() -> None:
                     help="only fit an hnsw kNN head and evaluate it beside the flat and ivf ones, and stop")
     ap.add_argument("--recall-targets", metavar="R1,R2,...",
                     help="only fit an ivf kNN head at each --recall target and evaluate it beside the flat one, and stop")
+    ap.add_argument("--eval-floor", action="store_true",
+                    help="only evaluate the ivf kNN head at nprobe 1 beside the flat and ivf ones (the least a kNN "
+                    "eval can cost here), and stop")
     a = ap.parse_args()
-    if a.ivf_sweep or a.compare_indexes or a.recall_targets:
+    if a.ivf_sweep or a.compare_indexes or a.recall_targets or a.eval_floor:
         run = a.workdir or Path(f"/tmp/ltcli-scale-{a.size}")
         needed = [run / "heads" / name for name in ("knn.pt", "knn-flat.pt")] + [run / "features" / "test.h5"]
         missing = [str(p) for p in needed if not p.exists()]
         if missing:
             ap.error(f"{missing[0]} is missing: run `python bench/scale.py --size {a.size}` on {run} first")
         found = ({"ivf_sweep": ivf_tradeoff(run)} if a.ivf_sweep else compare_indexes(run) if a.compare_indexes
+                 else eval_floor(run) if a.eval_floor
                  else recall_targets(run, [float(t) for t in a.recall_targets.split(",")]))
         text = json.dumps({"size": a.size, "date": time.strftime("%Y-%m-%d"),
                            "machine": describe(), **found},

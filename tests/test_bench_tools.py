@@ -126,3 +126,27 @@ def test_faiss_blas_bench_runs_the_same_work_bare_and_through_ltcli():
         assert r["search_s"] > 0 and r["kmeans_s"] > 0 and r["search_gflops"] > 0
     if ltcli["openblas_core"] != "unknown" and openblas_core(cpu_flags()):
         assert ltcli["openblas_core"].upper() == openblas_core(cpu_flags())
+
+
+def test_scale_eval_floor_evaluates_the_ivf_head_at_one_list(tiny_pipeline, tmp_path):
+    """bench/scale.py --eval-floor: the fitted ivf head saved at nprobe 1 outside heads/, then it,
+    the fitted ivf and the flat head evaluated each in its own process, and the process start
+    timed; the bound it reports is the flat eval's seconds over the floor's."""
+    from conftest import check_ok, copy_run, run_cli
+    from scale import eval_floor
+
+    from ltcli.heads import load_head
+
+    run = copy_run(tiny_pipeline, tmp_path / "run")
+    check_ok(run_cli(["fit-head", "--run", run, "--method", "knn", "--index", "ivf"]))
+    check_ok(run_cli(["fit-head", "--run", run, "--method", "knn", "--out", run / "heads" / "knn-flat.pt"]))
+    got = eval_floor(run)["eval_floor"]
+    floor, _ = load_head(run / "heads-floor" / "knn-nprobe1.pt")
+    fitted, _ = load_head(run / "heads" / "knn.pt")
+    assert floor.knob == 1 and fitted.knob >= 1 and floor.index_sha == fitted.index_sha
+    assert not (run / "heads" / "knn-nprobe1.pt").exists()
+    for name in ("flat", "ivf", "nprobe1"):
+        assert got[name]["eval"]["exit"] == 0 and got[name]["eval"]["seconds"] > 0, got[name]
+        assert 0 <= got[name]["overall"] <= 1
+    assert got["process_start"]["exit"] == 0
+    assert got["flat_over_floor"] == round(got["flat"]["eval"]["seconds"] / got["nprobe1"]["eval"]["seconds"], 2)
