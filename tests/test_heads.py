@@ -585,6 +585,49 @@ def test_a_lower_recall_target_buys_a_cheaper_search(tmp_path):
         build_head("knn", index="ivf", recall=1.5)
 
 
+def test_ivf_recall_is_measured_on_held_out_queries_when_fit_has_them():
+    """Queries unlike the train rows (here between the modes, whose neighbours lie in many lists)
+    need a deeper search than train rows do: tuned on such held-out queries, the index reaches
+    the target on new ones; tuned on train rows alone, it falls short on them. Held-out features
+    of another shape are refused."""
+    fs, _ = _clustered()
+
+    def between_modes(m, seed):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(m, 32, generator=g) * 3, torch.randint(0, 20, (m,), generator=g)
+
+    val = make_fs(*between_modes(600, 1), split="val", names=fs.class_names)
+    new, _ = between_modes(1000, 2)
+
+    def recall_on_new(head):
+        q = head._queries(new, 0, "new")
+        _, exact = neighbours.exact_search(q, head._chunks, 10, "cosine")
+        return neighbours.recall_at(head._search(q, 10, head.knob, head.depth)[1], exact)
+
+    plain = build_head("knn", index="ivf").fit(fs)
+    tuned = build_head("knn", index="ivf").fit(fs, held_out=val)
+    assert "train queries, each without itself" in plain.fit_note
+    assert "class-balanced val queries" in tuned.fit_note and tuned.recall >= 0.95
+    assert tuned.knob > plain.knob and recall_on_new(tuned) >= 0.93 > recall_on_new(plain)
+    assert getattr(tuned, "_held_out", None) is None  # the head keeps no reference to it
+    with pytest.raises(LtcliError, match="held-out features must have the train features' D"):
+        build_head("knn", index="ivf").fit(fs, held_out=make_fs(torch.zeros(10, 8), torch.arange(10) % 20))
+
+
+def test_fit_head_checks_an_index_on_the_runs_val_split(tiny_pipeline, tmp_path):
+    """`fit-head --method knn --index ivf` measures recall on the run's val features; given train
+    features by --features (no run split beside them) it measures on train rows."""
+    from conftest import check_ok, run_cli
+
+    run = tiny_pipeline
+    got = check_ok(run_cli(["fit-head", "--run", run, "--method", "knn", "--index", "ivf", "--out",
+                            tmp_path / "val.pt"]))
+    assert "class-balanced val queries" in " ".join(got.err.split()), got.err  # (the console wraps lines)
+    got = check_ok(run_cli(["fit-head", "--run", run, "--method", "knn", "--index", "ivf", "--features",
+                            run / "features" / "train.h5", "--out", tmp_path / "train.pt"]))
+    assert "class-balanced train queries, each without itself" in " ".join(got.err.split()), got.err
+
+
 def _search_finding(share, spread: bool = False):
     """A fake index search finding share(knob) % of the neighbours: every query the same share of
     its 100 (spread=False), or that share of the queries all of theirs and the rest none

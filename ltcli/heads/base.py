@@ -98,6 +98,7 @@ class Head:
     linear_form: ClassVar[bool] = False  # scores = x Wᵀ + b for an effective (W, b): exportable
     shows_weight_norms: ClassVar[bool] = False  # eval --plot draws its per-class ‖w_j‖
     fast_options: ClassVar[dict[str, Any]] = {}  # options that make a fit quick (tests, smoke runs)
+    uses_held_out: ClassVar[bool] = False  # fit(held_out=...) is used (fit-head passes the run's val split)
 
     def __init__(self, **options: Any) -> None:
         # `device` is where this process computes, not part of the head: never saved
@@ -124,18 +125,27 @@ class Head:
 
     # ---- fitting -------------------------------------------------------------------------
     def fit(self, train: FeatureSet, *, device: str | torch.device | None = None,
-            progress: Progress | None = None, **options: Any) -> "Head":
+            progress: Progress | None = None, held_out: FeatureSet | None = None, **options: Any) -> "Head":
         """Fit on the train features; `options` override those given at construction.
 
         device: where training / scoring runs (None = cuda if available, else cpu);
-        progress: optional callback(epochs_done, epochs_total) for iterative heads."""
+        progress: optional callback(epochs_done, epochs_total) for iterative heads;
+        held_out: other samples of the same classes (a val split) for a head that checks itself on
+        data it was not fitted on (the recall check of kNN's approximate indexes); others ignore it."""
         if "device" in options:
             self.device = options.pop("device")
         self.options = self.check_options(options, base=self.options)
         dev = resolve_device(device if device is not None else self.device)
         self._check_train(train, values=not self.checks_values_on_device)
+        if held_out is not None and (held_out.dim != train.dim or list(held_out.class_names) != list(train.class_names)):
+            raise LtcliError(f"{source_name(held_out)}: held-out features must have the train features' D "
+                             f"({train.dim}) and classes (it has D={held_out.dim}, {held_out.num_classes} classes)")
         self.dim, self.num_classes, self.class_names = train.dim, train.num_classes, list(train.class_names)
-        self._fit(train, dev, progress)
+        self._held_out = held_out  # for _fit only: a head keeps no reference to it
+        try:
+            self._fit(train, dev, progress)
+        finally:
+            self._held_out = None
         return self
 
     # heads that check NaN/inf themselves during their own pass over the features

@@ -30,9 +30,19 @@ from .base import Head, _CPU_CHUNK_ELEMS, check_chunk_finite, get_int, get_tenso
 from .ncm import _chunks, _normalise, train_mean
 from .registry import register
 
-RECALL_QUERIES = 500  # train rows used as queries to measure an index's recall at fit time
+RECALL_QUERIES = 500  # queries (held-out or train rows) that measure an index's recall at fit time
 VOTE_ROWS = 2048  # queries turned into class scores at a time
 QUERY_BYTES = 256 << 20  # float32 queries scored at a time (32k at D = 2048)
+
+
+def _balanced_rows(labels: np.ndarray, num_classes: int, rng: np.random.Generator, count: int) -> np.ndarray:
+    """Sorted row ids: a random class (uniformly over the classes present), then one of its rows."""
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=num_classes)
+    starts = np.cumsum(counts) - counts
+    present = np.flatnonzero(counts)
+    cls = present[rng.integers(len(present), size=count)]
+    return np.unique(order[starts[cls] + (rng.random(count) * counts[cls]).astype(np.int64)])
 
 
 def _without(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
@@ -62,6 +72,7 @@ class KNNHead(Head):
                       positive=True, max=1.0),
     }
     checks_values_on_device = True  # train_mean checks NaN/inf in its pass
+    uses_held_out = True  # an approximate index's recall is measured on val queries where fit-head has them
 
     # ---- fitting -------------------------------------------------------------------------
     def _fit(self, train: FeatureSet, device, progress) -> None:
@@ -112,17 +123,25 @@ class KNNHead(Head):
             index = self._index = neighbours.build_hnsw(self._chunks, self.dim, metric, sample)
             limit, what = neighbours.KNOBS["hnsw"][-1], "HNSW-SQ8, efSearch"
         del sample
-        # recall is measured as a balanced test set would see it: one train row of a random class
-        # per query (tail classes as often as head ones), its own row left out of both answers
-        ids = self._balanced_rows(rng, RECALL_QUERIES)
-        queries = self._rows(ids)
+        # recall is measured as a balanced test set would see it: one row of a random class per
+        # query (tail classes as often as head ones), from the held-out split where fit was given
+        # one (the run's val), else from train, its own row left out of both answers
+        held = self._held_out if self._held_out is not None and len(self._held_out.labels) else None
+        if held is not None:
+            ids = _balanced_rows(held.labels.numpy(), self.num_classes, rng, RECALL_QUERIES)
+            queries, asked = self._held_rows(held, ids), f"class-balanced {held.split} queries"
+        else:
+            ids = _balanced_rows(self.bank_labels.numpy(), self.num_classes, rng, RECALL_QUERIES)
+            queries, asked = self._rows(ids), "class-balanced train queries, each without itself"
+        depth_k = min(k + (held is None), n)  # one more for a train query's own row
         t0 = time.perf_counter()
-        _, truth = neighbours.exact_search(queries, self._chunks, min(k + 1, n), metric)
+        _, truth = neighbours.exact_search(queries, self._chunks, depth_k, metric)
         exact_s = time.perf_counter() - t0
-        truth = _without(truth, ids, k)
+        truth = truth if held is not None else _without(truth, ids, k)
 
         def found(q, knob, depth):
-            return _without(self._search(q, min(k + 1, n), knob, depth)[1], ids, k)
+            got = self._search(q, depth_k, knob, depth)[1]
+            return got if held is not None else _without(got, ids, k)
 
         self.knob, self.depth, self.recall, bound = neighbours.tune_knob(found, kind, queries, truth, limit, k, n,
                                                                          self.options["recall"])
@@ -141,19 +160,16 @@ class KNNHead(Head):
                 f"{1 / speedup:.1f}x slower than exact search on them: on these features --index flat (the default) "
                 "is the better choice")
         self.fit_note = (f"{kind} index ({what} {self.knob}{deeper}): recall@{k} {self.recall:.3f} against exact "
-                         f"search on {len(queries)} class-balanced train queries (each without itself; at least "
-                         f"{bound:.3f} with {neighbours.CONFIDENCE:.0%} confidence), {pace}")
+                         f"search on {len(queries)} {asked} (at least {bound:.3f} with "
+                         f"{neighbours.CONFIDENCE:.0%} confidence), {pace}")
 
-    def _balanced_rows(self, rng: np.random.Generator, count: int) -> np.ndarray:
-        """Sorted row ids: a random class (uniformly over the classes present), then one of its rows."""
-        labels = self.bank_labels.numpy()
-        order = np.argsort(labels, kind="stable")
-        counts = np.bincount(labels, minlength=self.num_classes)
-        starts = np.cumsum(counts) - counts
-        present = np.flatnonzero(counts)
-        cls = present[rng.integers(len(present), size=count)]
-        picks = order[starts[cls] + (rng.random(count) * counts[cls]).astype(np.int64)]
-        return np.unique(picks)
+    def _held_rows(self, held: FeatureSet, ids: np.ndarray) -> np.ndarray:
+        """Prepared rows `ids` (sorted) of the held-out features, refusing NaN / inf."""
+        x = held.features[torch.from_numpy(ids)].to(torch.float32)
+        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        if bool(bad.any()):
+            raise LtcliError(f"{source_name(held)}: features contain NaN or inf (row {int(ids[int(bad.nonzero()[0])])})")
+        return self._prep(x)
 
     def _search(self, q: np.ndarray, k: int, knob: int, depth: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, ids) of the k best bank rows: the index's best `depth` at `knob`, re-ranked exactly."""

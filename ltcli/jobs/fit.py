@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from ..cache import read_features
+from ..cache import check_same_source, read_features
 from ..console import err_console, progress_bar
 from ..errors import JobFailed, LtcliError
 from ..heads import build_head, head_class, methods, save_head
@@ -67,7 +67,8 @@ def _run(opts: FitOptions, run_dir: RunDir, features_path: Path) -> FitResult:
     epochs = head.options.get("epochs")
     with progress_bar(disable=not epochs) as bar:  # heads that train: epochs (and steps) as they go
         task = bar.add_task(f"fit {head.method}", total=epochs or 1, rate="")
-        head.fit(fs, device=opts.device, progress=lambda done, total: bar.update(task, completed=done))
+        head.fit(fs, device=opts.device, progress=lambda done, total: bar.update(task, completed=done),
+                 held_out=_held_out(run_dir, opts, fs, features_path) if head.uses_held_out else None)
     _check_fitted_finite(head, opts.method, opts.head, features_path)
     if getattr(head, "fit_note", None):
         err_console.print(f"{head.method}: {head.fit_note}", highlight=False)
@@ -75,6 +76,22 @@ def _run(opts: FitOptions, run_dir: RunDir, features_path: Path) -> FitResult:
     log_event(run_dir if opts.out is None else None,
               {"event": "fit-head", "method": head.method, "head": str(out_path), "options": head.options})
     return FitResult(out_path, head.method, dict(head.options))
+
+
+def _held_out(run_dir: RunDir, opts: FitOptions, fs, features_path: Path):
+    """The run's val features beside its own train features, for a head that checks itself on
+    held-out data; None (the head then checks itself on train rows) without them, or where they
+    do not match the train features (another backbone or data, D, classes, or no rows)."""
+    path = run_dir.features("val")
+    if opts.features is not None or not path.exists():
+        return None
+    try:
+        val = read_features(path, mmap=True)
+        check_same_source(str(features_path), fs.attrs, str(path), val.attrs)
+    except LtcliError:
+        return None
+    same = val.dim == fs.dim and list(val.class_names) == list(fs.class_names)
+    return val if val.split == "val" and same and len(val.labels) else None
 
 
 def _check_fitted_finite(head, method: str, options: dict, features_path: Path) -> None:
