@@ -612,6 +612,10 @@ def test_ivf_recall_is_measured_on_held_out_queries_when_fit_has_them():
     assert getattr(tuned, "_held_out", None) is None  # the head keeps no reference to it
     with pytest.raises(LtcliError, match="held-out features must have the train features' D"):
         build_head("knn", index="ivf").fit(fs, held_out=make_fs(torch.zeros(10, 8), torch.arange(10) % 20))
+    broken = val.features.clone()
+    broken[:, 3] = float("nan")  # every row: whichever the fit draws, it is refused by its number
+    with pytest.raises(LtcliError, match=r"val features: features contain NaN or inf \(row \d+\)"):
+        build_head("knn", index="ivf").fit(fs, held_out=make_fs(broken, val.labels, split="val", names=fs.class_names))
 
 
 def test_fit_head_checks_an_index_on_the_runs_val_split(tiny_pipeline, tmp_path):
