@@ -610,6 +610,8 @@ def test_ivf_recall_is_measured_on_held_out_queries_when_fit_has_them():
     assert "class-balanced val queries" in tuned.fit_note and tuned.recall >= 0.95
     assert tuned.knob > plain.knob and recall_on_new(tuned) >= 0.93 > recall_on_new(plain)
     assert getattr(tuned, "_held_out", None) is None  # the head keeps no reference to it
+    # fit-head opens the val split only for an approximate index (exact search measures nothing)
+    assert build_head("knn", index="hnsw").uses_held_out and not build_head("knn").uses_held_out
     with pytest.raises(LtcliError, match="held-out features must have the train features' D"):
         build_head("knn", index="ivf").fit(fs, held_out=make_fs(torch.zeros(10, 8), torch.arange(10) % 20))
     broken = val.features.clone()

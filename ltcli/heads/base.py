@@ -42,6 +42,11 @@ def mean_views(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=1) if x.dim() == 3 else x
 
 
+def same_shape(held_out: FeatureSet, train: FeatureSet) -> bool:
+    """Whether held-out features can stand for the train features' queries: the same D and classes."""
+    return held_out.dim == train.dim and list(held_out.class_names) == list(train.class_names)
+
+
 def _bad_rows(x: torch.Tensor) -> torch.Tensor:
     """Indices of rows of x (rows x ...) holding NaN or inf.
 
@@ -98,7 +103,7 @@ class Head:
     linear_form: ClassVar[bool] = False  # scores = x Wᵀ + b for an effective (W, b): exportable
     shows_weight_norms: ClassVar[bool] = False  # eval --plot draws its per-class ‖w_j‖
     fast_options: ClassVar[dict[str, Any]] = {}  # options that make a fit quick (tests, smoke runs)
-    uses_held_out: ClassVar[bool] = False  # fit(held_out=...) is used (fit-head passes the run's val split)
+    uses_held_out: ClassVar[bool] = False  # fit(held_out=...) is used: fit-head then passes the run's val split
 
     def __init__(self, **options: Any) -> None:
         # `device` is where this process computes, not part of the head: never saved
@@ -137,7 +142,7 @@ class Head:
         self.options = self.check_options(options, base=self.options)
         dev = resolve_device(device if device is not None else self.device)
         self._check_train(train, values=not self.checks_values_on_device)
-        if held_out is not None and (held_out.dim != train.dim or list(held_out.class_names) != list(train.class_names)):
+        if held_out is not None and not same_shape(held_out, train):
             raise LtcliError(f"{source_name(held_out)}: held-out features must have the train features' D "
                              f"({train.dim}) and classes (it has D={held_out.dim}, {held_out.num_classes} classes)")
         self.dim, self.num_classes, self.class_names = train.dim, train.num_classes, list(train.class_names)

@@ -26,7 +26,7 @@ from .. import faiss_index, neighbours
 from ..errors import LtcliError
 from ..featureset import FeatureSet
 from ..options import Opt
-from .base import Head, _CPU_CHUNK_ELEMS, check_chunk_finite, get_int, get_tensor, source_name
+from .base import Head, _CPU_CHUNK_ELEMS, _bad_rows, check_chunk_finite, get_int, get_tensor, source_name
 from .ncm import _chunks, _normalise, train_mean
 from .registry import register
 
@@ -72,7 +72,10 @@ class KNNHead(Head):
                       positive=True, max=1.0),
     }
     checks_values_on_device = True  # train_mean checks NaN/inf in its pass
-    uses_held_out = True  # an approximate index's recall is measured on val queries where fit-head has them
+
+    @property
+    def uses_held_out(self) -> bool:  # an approximate index's recall is measured on held-out queries
+        return self.options["index"] != "flat"
 
     # ---- fitting -------------------------------------------------------------------------
     def _fit(self, train: FeatureSet, device, progress) -> None:
@@ -166,9 +169,9 @@ class KNNHead(Head):
     def _held_rows(self, held: FeatureSet, ids: np.ndarray) -> np.ndarray:
         """Prepared rows `ids` (sorted) of the held-out features, refusing NaN / inf."""
         x = held.features[torch.from_numpy(ids)].to(torch.float32)
-        bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-        if bool(bad.any()):
-            raise LtcliError(f"{source_name(held)}: features contain NaN or inf (row {int(ids[int(bad.nonzero()[0])])})")
+        bad = _bad_rows(x)
+        if bad.numel():
+            raise LtcliError(f"{source_name(held)}: features contain NaN or inf (row {int(ids[int(bad[0])])})")
         return self._prep(x)
 
     def _search(self, q: np.ndarray, k: int, knob: int, depth: int) -> tuple[np.ndarray, np.ndarray]:

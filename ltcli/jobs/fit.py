@@ -14,6 +14,7 @@ from ..cache import check_same_source, read_features
 from ..console import err_console, progress_bar
 from ..errors import JobFailed, LtcliError
 from ..heads import build_head, head_class, methods, save_head
+from ..heads.base import same_shape
 from ..options import Options, opt
 from ..rundir import RunDir
 from ..runtime import DEVICE_HELP
@@ -90,8 +91,7 @@ def _held_out(run_dir: RunDir, opts: FitOptions, fs, features_path: Path):
         check_same_source(str(features_path), fs.attrs, str(path), val.attrs)
     except LtcliError:
         return None
-    same = val.dim == fs.dim and list(val.class_names) == list(fs.class_names)
-    return val if val.split == "val" and same and len(val.labels) else None
+    return val if val.split == "val" and same_shape(val, fs) and len(val.labels) else None
 
 
 def _check_fitted_finite(head, method: str, options: dict, features_path: Path) -> None:
